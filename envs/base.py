@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import abc
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -127,8 +128,13 @@ class Game(abc.ABC):
         """Rules, the action format, and the <perception>/<think>/<answer> convention."""
 
     @abc.abstractmethod
+    def render_array(self) -> np.ndarray:
+        """The board as an (H, W, 3) uint8 array of size `difficulty['image_size']`: the fast path of pools and
+        benchmarks (a PIL round trip costs about a millisecond per frame, more than a Tetris step)."""
+
     def render(self) -> Image.Image:
         """The board as an RGB image of size `difficulty['image_size']`."""
+        return Image.fromarray(self.render_array())
 
     @abc.abstractmethod
     def text_observation(self) -> str:
@@ -150,7 +156,7 @@ class Game(abc.ABC):
     def step(self, action: Any) -> StepResult:
         """Applies `action` (None or an illegal action: the invalid-action penalty, board unchanged)."""
 
-    # ---- shared mechanism ---------------------------------------------------------------------------------------------
+    # ---- shared mechanism -----------------------------------------------------------------------------------------
     def parse_action(self, text: str) -> Any | None:
         """The action in a response: the last <answer>...</answer> block if there is one, else the whole text.
 

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
-from PIL import Image
 
 from envs.base import Game, Knob, StepResult, int_in
 from envs.render import COLOURS, PERCEPTION_KNOBS, BoardRenderer, Style, Tile, photo_class_count
@@ -395,9 +394,6 @@ class Tetris(Game):
             panels.append(self._piece_panel(self.queue[: d["preview"]], tiles))
         caption = f"Pieces: {self.pieces}   Lines: {self.lines}"
         return self._make_renderer(d).draw_array(cells, panels, caption=caption, noise_seed=self.seed + self.steps)
-
-    def render(self) -> Image.Image:
-        return Image.fromarray(self.render_array())
 
     @property
     def prompt(self) -> str:

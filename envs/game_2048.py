@@ -1,0 +1,197 @@
+"""2048: slide the tiles of a grid in one of four directions; equal neighbours merge into their sum.
+
+Rules (G1's 2048, the same as the `gymnasium-2048` package): a move slides every tile as far as it goes; two equal
+tiles that meet merge once per move (the pair nearest the wall first, so `2 2 2 2` left gives `4 4 - -`); after a
+move that changed the board a 2 (p 0.9) or a 4 (p 0.1) appears on a random empty cell. The game is over when no
+move changes the board. Score: the sum of the merged tiles (the usual 2048 score).
+
+Training reward (G1's shaping): +1 if the move merged tiles, else -1. A move that changes nothing is not legal
+here (`legal_actions` lists only moves that change the board) and, like an unreadable answer, gets the invalid
+penalty of -1 with the board unchanged; G1's fork maps such answers to a "still" no-op with the same -1.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from envs.base import Game, Knob, StepResult, int_in
+from envs.render import COLOURS, PERCEPTION_KNOBS, BoardRenderer, Style, Tile, photo_class_count
+
+ACTIONS = ("up", "right", "down", "left")  # index = action id, as in G1 and gymnasium-2048
+EMPTY = "-"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def slide_line(line: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """Slides one line towards its start, merging equal neighbours once each (memoized: lines repeat a lot).
+
+    Args:
+        line: tile values, index 0 at the wall the tiles move to (0 = empty).
+
+    Returns:
+        (the new line, same length; the sum of the merged tiles).
+    """
+    tiles = [v for v in line if v]
+    out: list[int] = []
+    gained = 0
+    i = 0
+    while i < len(tiles):
+        if i + 1 < len(tiles) and tiles[i] == tiles[i + 1]:
+            out.append(2 * tiles[i])
+            gained += 2 * tiles[i]
+            i += 2
+        else:
+            out.append(tiles[i])
+            i += 1
+    return tuple(out) + (0,) * (len(line) - len(out)), gained
+
+
+def apply_move(board: list[list[int]], action: int) -> tuple[list[list[int]], int]:
+    """The board after `action` (0 up, 1 right, 2 down, 3 left), before the spawn, and the merge score.
+
+    Plain lists and memoized lines, not numpy: on boards this small, array calls cost more than the work.
+    """
+    # Read each line starting at the wall the tiles move to, slide it, and write it back the same way.
+    vertical, reverse = action in (0, 2), action in (1, 2)
+    lines = list(zip(*board, strict=True)) if vertical else [tuple(row) for row in board]
+    if reverse:
+        slid = [slide_line(line[::-1]) for line in lines]
+        moved = [line[::-1] for line, _ in slid]
+    else:
+        slid = [slide_line(line) for line in lines]
+        moved = [line for line, _ in slid]
+    gained = sum(g for _, g in slid)
+    rows = zip(*moved, strict=True) if vertical else moved
+    return [list(row) for row in rows], gained
+
+
+class Game2048(Game):
+    """2048 on a rows x cols board; actions 0 Up, 1 Right, 2 Down, 3 Left."""
+
+    name: ClassVar[str] = "2048"
+    knobs: ClassVar[dict[str, Knob]] = {
+        **PERCEPTION_KNOBS,
+        "rows": Knob(4, int_in(2, 8), "board rows"),
+        "cols": Knob(4, int_in(2, 8), "board columns"),
+    }
+    invalid_penalty: ClassVar[float] = -1.0
+
+    @classmethod
+    def check_combination(cls, values: dict[str, Any]) -> dict[str, Any]:
+        # Fails now, at construction, when 'photo' has no photo_dir or the image is too small for the board.
+        _renderer(values["rows"], values["cols"], Style.from_difficulty(values))
+        return values
+
+    def reset(self) -> None:
+        rows, cols = self.difficulty["rows"], self.difficulty["cols"]
+        self._style = Style.from_difficulty(self.difficulty)
+        self.board = [[0] * cols for _ in range(rows)]  # rows x cols tile values, 0 = empty
+        self.terminated = False
+        self.score = 0.0
+        self.steps = 0
+        self._spawn()
+        self._spawn()
+        self._legal: dict[int, tuple[list[list[int]], int]] | None = None  # see _moves
+
+    def set_board(self, board: Sequence[Sequence[int]]) -> None:
+        """Replaces the board with a hand-made one (tests, curricula); the episode goes on from it.
+
+        Args:
+            board: rows x cols tile values, each 0 (empty) or a power of two >= 2.
+        """
+        rows, cols = self.difficulty["rows"], self.difficulty["cols"]
+        values = [[int(v) for v in row] for row in board]
+        shape_ok = len(values) == rows and all(len(row) == cols for row in values)
+        if not shape_ok or any(v and (v < 2 or v & (v - 1)) for row in values for v in row):
+            raise ValueError(f"board must be {rows} x {cols} values, each 0 or a power of two >= 2; got {values}")
+        self.board, self._legal = values, None
+        self.terminated = not self.legal_actions()
+
+    def _spawn(self) -> None:
+        empty = [(r, c) for r, row in enumerate(self.board) for c, v in enumerate(row) if v == 0]
+        r, c = empty[self.rng.integers(len(empty))]
+        self.board[r][c] = 2 if self.rng.random() < 0.9 else 4
+
+    # ---- actions -----------------------------------------------------------------------------------------------------
+    def _moves(self) -> dict[int, tuple[list[list[int]], int]]:
+        """The board and merge score after each move that changes the board (computed once per board)."""
+        if self._legal is None:
+            results = {a: apply_move(self.board, a) for a in range(4)}
+            self._legal = {a: result for a, result in results.items() if result[0] != self.board}
+        return self._legal
+
+    def legal_actions(self) -> list[int]:
+        return [] if self.terminated else list(self._moves())
+
+    def parse_answer(self, answer: str) -> int | None:
+        word = answer.strip().strip(".!\"'`()[]{}").strip().lower()
+        if word in ACTIONS:
+            return ACTIONS.index(word)
+        if word in ("0", "1", "2", "3"):
+            return int(word)
+        return None
+
+    def format_action(self, action: int) -> str:
+        return ACTIONS[action]
+
+    def step(self, action: Any) -> StepResult:
+        valid = isinstance(action, (int, np.integer)) and not isinstance(action, bool)
+        if self.terminated or not valid or action not in self._moves():
+            return StepResult(self.invalid_penalty, self.terminated, {"valid": False})
+        self.board, gained = self._moves()[int(action)]
+        self.score += gained
+        self.steps += 1
+        self._spawn()
+        self._legal = None
+        self.terminated = not self.legal_actions()
+        reward = 1.0 if gained > 0 else -1.0
+        return StepResult(reward, self.terminated, {"valid": True, "merged": gained > 0, "score_gain": gained})
+
+    # ---- observation -------------------------------------------------------------------------------------------------
+    def text_observation(self) -> str:
+        return "\n".join("|".join(str(v) if v else EMPTY for v in row) for row in self.board)
+
+    def render_array(self) -> np.ndarray:
+        """(H, W, 3) uint8 frame; the fast path (no PIL image)."""
+        renderer = _renderer(len(self.board), len(self.board[0]), self._style)
+        photo_dir = self.difficulty["photo_dir"]
+        cells = [[_tile(v, photo_dir) if v else None for v in row] for row in self.board]
+        return renderer.draw_array(cells, caption=f"Score: {int(self.score)}", noise_seed=self.seed + self.steps)
+
+    @property
+    def prompt(self) -> str:
+        rows, cols = self.difficulty["rows"], self.difficulty["cols"]
+        example = "\n".join(
+            "|".join(["2", "-", "4", "-", "8", "-", "16", "-"][(r + c) % 8] for c in range(cols)) for r in range(rows)
+        )
+        return (
+            f"You are playing 2048 on a grid of {rows} rows and {cols} columns (row 0 at the top, column 0 at the "
+            "left). Each move slides every tile as far as it can go in one direction: up, right, down or left. Two "
+            "tiles of the same value that meet merge into one tile of their sum; a tile merges at most once per move. "
+            "After every move that changes the board, a new 2 or 4 appears on a random empty cell. A move that changes "
+            "nothing is invalid. The game ends when no move changes the board. You get +1 for a move that merges "
+            "tiles and -1 otherwise.\n\n"
+            "First describe the board inside <perception></perception>: one line per row from top to bottom, cells "
+            "separated by |, tile values as numbers and empty cells as -. For example:\n"
+            f"<perception>\n{example}\n</perception>\n"
+            "Then reason about the best move inside <think></think>. Finally give the move inside <answer></answer> "
+            "as one word, up, right, down or left (or its number 0, 1, 2, 3), e.g. <answer>left</answer>."
+        )
+
+
+@functools.lru_cache(maxsize=1024)
+def _tile(value: int, photo_dir: str | None) -> Tile:
+    """The tile of a value: the number on a colour of its own (cycling through COLOURS), or on a photo."""
+    level = value.bit_length() - 2  # 2 -> 0, 4 -> 1, ...
+    photo = level % photo_class_count(photo_dir) if photo_dir else None
+    return Tile(colour=level % len(COLOURS), text=str(value), photo_class=photo)
+
+
+@functools.lru_cache(maxsize=64)
+def _renderer(rows: int, cols: int, style: Style) -> BoardRenderer:
+    """One renderer per (board size, style), shared by games: building one draws the background."""
+    return BoardRenderer(rows, cols, style, title="2048")
