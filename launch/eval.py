@@ -30,6 +30,7 @@ from tqdm import tqdm
 import envs
 from envs.base import Game
 from envs.config import game_specs
+from launch.overrides import quote_numeric_choices
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -184,16 +185,6 @@ def main(cfg: DictConfig) -> None:
     for i, run in enumerate(results["runs"]):
         log.info("run %d: %s", i, run)
     log.info("mean: %s", results["mean"])
-
-
-def quote_numeric_choices(argv: list[str], groups: tuple[str, ...] = ("game",)) -> list[str]:
-    """Quotes numeric config-group choices: Hydra parses `game=2048` as the int 2048 and refuses it as a choice."""
-    return [
-        f"{arg.split('=', 1)[0]}='{arg.split('=', 1)[1]}'"
-        if "=" in arg and arg.split("=", 1)[0] in groups and arg.split("=", 1)[1].isdigit()
-        else arg
-        for arg in argv
-    ]
 
 
 if __name__ == "__main__":
