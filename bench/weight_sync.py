@@ -1,0 +1,134 @@
+"""Weight-sync benchmark: ZeRO-3 gather + bucketed broadcast from the learner group into vLLM engines.
+
+For the tiny model and a ~106 M-parameter model of the same architecture (random weights, float32), it times syncs
+from a 2-rank ZeRO-3 learner group (every tensor sharded) to vLLM engines in Ray actors, and prints per sync:
+the gather time (ZeRO-3 all-gathers + packing on learner rank 0), the broadcast time on rank 0, the engines' receive +
+load time, the wall time the driver sees, and the achieved GB/s beside this machine's memcpy GB/s measured in the same
+run. The last line is the summary for the larger model:
+
+    weight_sync: params=... sync_s=... gbps=... memcpy_gbps=...
+
+Run: `.venv/bin/python bench/weight_sync.py [--engines 2] [--syncs 3] [--bucket-mb 512]`. On CPU the transport is
+gloo over loopback TCP, so gbps is bounded by the kernel's socket copies, well below memcpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import time
+
+# One thread per process and vLLM's engine core in-process, before torch or vLLM are imported (docs cpu-stack.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import ray
+import torch
+
+from actors.config import RolloutConfig
+from actors.tiny_model import TEXT_CONFIG, VISION_CONFIG, ensure_model_dir, ensure_tiny_model
+from actors.vllm_engine import VLLMEngine
+from learner import GRPOConfig, LearnerConfig, LearnerGroup, WeightSyncConfig
+
+# ~106 M parameters: a 12-layer 768-wide language model and a 12-block 384-wide vision tower (head_dim 64 in both).
+MEDIUM_TEXT = dict(TEXT_CONFIG, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12)
+MEDIUM_VISION = dict(
+    VISION_CONFIG,
+    depth=12,
+    hidden_size=384,
+    intermediate_size=1536,
+    num_heads=6,
+    out_hidden_size=768,
+    fullatt_block_indexes=[3, 7, 11],
+)
+
+
+class BenchEngine(VLLMEngine):
+    """The actors' engine with the engine side of LearnerGroup's sync protocol (join_weight_sync, receive_weights)."""
+
+    def join_weight_sync(self, info, rank_offset: int) -> None:
+        self.collective_rpc("join_weight_sync", args=(info, rank_offset))
+
+    def receive_weights(self, plan) -> float:
+        load_s = max(self.collective_rpc("receive_weights", args=(plan,)))
+        self.reset_caches()
+        self.policy_version = plan.version
+        return load_s
+
+
+def memcpy_gbps(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Best of `repeats` copies of an `nbytes` buffer in this process, in GB/s (bytes copied per second)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
+
+
+def bench_model(name: str, model_dir: str, args: argparse.Namespace) -> dict[str, float]:
+    """Times `args.syncs` syncs (after a first, full one that also warms up) of `model_dir`; returns the medians."""
+    config = LearnerConfig(model_dir=model_dir, num=2, param_persistence_threshold=0)
+    group = LearnerGroup(config, GRPOConfig(), WeightSyncConfig(bucket_mb=args.bucket_mb), num_cpus=0.5)
+    params = sum(t.numel() for t in group.consolidated_state_dict().values())
+    rollout = RolloutConfig(max_model_len=1024, cpu_kv_cache_gib=1)
+    engines = [ray.remote(num_cpus=0.5)(BenchEngine).remote(model_dir, rollout) for _ in range(args.engines)]
+    group.init_weight_sync(engines)
+    first = group.sync_weights(version=1)
+    print(f"{name}: {params / 1e6:.1f} M params, first (full) sync {first.total_s:.3f} s, {first.nbytes / 1e6:.0f} MB")
+    runs = []
+    for version in range(2, 2 + args.syncs):
+        stats = group.sync_weights(version)
+        runs.append(stats)
+        print(
+            f"{name}: sync v{version}: gather {stats.gather_s:.3f} s  broadcast {stats.broadcast_s:.3f} s  "
+            f"load {stats.load_s:.3f} s  total {stats.total_s:.3f} s  {stats.gbps:.2f} GB/s"
+        )
+    for engine in engines:
+        ray.kill(engine)
+    group.shutdown()
+    gc.collect()
+    return {
+        "params": params,
+        "nbytes": runs[0].nbytes,
+        **{k: statistics.median(getattr(r, k) for r in runs) for k in ("gather_s", "broadcast_s", "load_s", "total_s")},
+        "gbps": statistics.median(r.gbps for r in runs),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engines", type=int, default=2, help="vLLM engines receiving each sync")
+    parser.add_argument("--syncs", type=int, default=3, help="timed syncs per model (after a first, full one)")
+    parser.add_argument("--bucket-mb", type=int, default=512, help="broadcast bucket size in MiB")
+    args = parser.parse_args()
+
+    ray.init(num_cpus=1 + args.engines, include_dashboard=False, log_to_driver=False)
+    models = {
+        "tiny": str(ensure_tiny_model()),
+        "medium": str(ensure_model_dir("bench-medium", text_config=MEDIUM_TEXT, vision_config=MEDIUM_VISION)),
+    }
+    results = {name: bench_model(name, path, args) for name, path in models.items()}
+    memcpy = memcpy_gbps()
+    print(f"memcpy: {memcpy:.2f} GB/s (512 MiB float32 copy, best of 5)")
+    for name, r in results.items():
+        print(
+            f"{name}: {r['params'] / 1e6:.1f} M params, {r['nbytes'] / 1e6:.0f} MB per sync, median of {args.syncs}: "
+            f"gather {r['gather_s']:.3f} s, broadcast {r['broadcast_s']:.3f} s, load {r['load_s']:.3f} s, "
+            f"total {r['total_s']:.3f} s = {r['gbps']:.2f} GB/s ({r['gbps'] / memcpy:.1%} of memcpy)"
+        )
+    medium = results["medium"]
+    print(
+        f"weight_sync: params={medium['params']} sync_s={medium['total_s']:.3f} gbps={medium['gbps']:.3f} "
+        f"memcpy_gbps={memcpy:.2f} engines={args.engines} bucket_mb={args.bucket_mb}"
+    )
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""From trajectory groups to model inputs: samples with advantages, then padded micro-batches.
+
+Pure torch plus the model directory's image processor; no DeepSpeed, so it is tested and read on its own. The image of
+a group is processed once and shared by its G samples; each micro-batch concatenates the pixel patches of its samples.
+
+Layout of one sample: `input_ids = prompt_ids + response_ids`. The logits at position `P - 1 + t` predict response
+token `t`, so a micro-batch asks the model for the logits of positions `keep` only (the span covering every response
+of the micro-batch) and `index` picks each sample's positions out of that span.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from learner.grpo import group_advantages
+from replay.trajectory import TrajectoryGroup
+
+
+@dataclass
+class ImageInputs:
+    """One group's image, processed once."""
+
+    pixel_values: torch.Tensor  # (patches, channels * temporal_patch * patch * patch)
+    image_grid_thw: torch.Tensor  # (1, 3)
+
+
+@dataclass
+class Sample:
+    """One response of one group: what the loss needs per sequence."""
+
+    image: int  # index into the list of ImageInputs
+    prompt_ids: list[int]  # (P,)
+    response_ids: torch.Tensor  # (T,) int64
+    sampler_logprobs: torch.Tensor  # (T,) float32, the vLLM sampler's log-probs
+    advantage: float
+    old_logprobs: torch.Tensor | None = None  # (T,) learner log-probs before the update (when precomputed)
+    ref_logprobs: torch.Tensor | None = None  # (T,) reference-model log-probs (when kl_coef > 0)
+
+    @property
+    def response_len(self) -> int:
+        return int(self.response_ids.numel())
+
+
+@dataclass
+class MicroBatch:
+    """Padded tensors of a few samples, on the learner's device."""
+
+    input_ids: torch.Tensor  # (B, L) right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    pixel_values: torch.Tensor  # (sum of patches, D)
+    image_grid_thw: torch.Tensor  # (B, 3): one image per sample
+    keep: torch.Tensor  # (K,) positions whose logits are computed
+    index: torch.Tensor  # (B, T) position in `keep` of the logits predicting each response token
+    targets: torch.Tensor  # (B, T) response ids; padding replaced by an allowed id (never -inf in a gather)
+    mask: torch.Tensor  # (B, T) bool, true on real response tokens
+    sampler_logprobs: torch.Tensor  # (B, T)
+    advantages: torch.Tensor  # (B,)
+    old_logprobs: torch.Tensor | None  # (B, T)
+    ref_logprobs: torch.Tensor | None  # (B, T)
+
+
+def encode_groups(
+    groups: list[TrajectoryGroup], processor, normalize_std: bool, eps: float
+) -> tuple[list[Sample], list[ImageInputs]]:
+    """Processes each group's image once and turns its G responses into samples with group-relative advantages.
+
+    Args:
+        groups: trajectory groups (this rank's share of the batch).
+        processor: the model directory's processor (its image processor and tokenizer are used).
+        normalize_std: GRPO (True) or Dr.GRPO (False) advantages.
+        eps: added to the group std.
+
+    Raises:
+        ValueError: when a prompt's image-pad count does not match the processed image (the actor and the learner
+            processed the board differently), or responses and log-probs disagree in length.
+    """
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    merge = processor.image_processor.merge_size
+    samples: list[Sample] = []
+    images: list[ImageInputs] = []
+    for group in groups:
+        out = processor.image_processor(images=[Image.fromarray(np.asarray(group.image))], return_tensors="pt")
+        grid = out["image_grid_thw"]  # (1, 3)
+        expected = int(grid.prod()) // merge**2
+        found = sum(1 for t in group.prompt_ids if t == image_pad)
+        if found != expected:
+            raise ValueError(
+                f"group {group.state_id}: prompt has {found} image pads but the image gives {expected} tokens; "
+                "the actor's engine and the learner must use the same processor (model directory)"
+            )
+        images.append(ImageInputs(out["pixel_values"], grid))
+        advantages = group_advantages(torch.from_numpy(group.total_rewards())[None], normalize_std, eps)[0]  # (G,)
+        for ids, logprobs, adv in zip(group.response_ids, group.response_logprobs, advantages.tolist(), strict=True):
+            if len(ids) != len(logprobs):
+                raise ValueError(f"group {group.state_id}: {len(ids)} response ids but {len(logprobs)} log-probs")
+            samples.append(
+                Sample(
+                    image=len(images) - 1,
+                    prompt_ids=list(group.prompt_ids),
+                    response_ids=torch.tensor(ids, dtype=torch.long),
+                    sampler_logprobs=torch.tensor(logprobs, dtype=torch.float32),
+                    advantage=adv,
+                )
+            )
+    return samples, images
+
+
+def _pad(rows: list[torch.Tensor], length: int, value: float | int, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.full((len(rows), length), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : row.numel()] = row
+    return out
+
+
+def collate(
+    samples: list[Sample],
+    images: list[ImageInputs],
+    response_len: int,
+    pad_id: int,
+    filler_id: int,
+    device: torch.device,
+) -> MicroBatch:
+    """Pads a few samples into one micro-batch.
+
+    Args:
+        samples: the micro-batch's samples.
+        images: every group's processed image (indexed by `Sample.image`).
+        response_len: T of the loss tensors, >= every sample's response length; the same T on every micro-batch
+            and rank keeps Dr.GRPO's constant normaliser constant.
+        pad_id: input padding id (masked out by the attention mask).
+        filler_id: an allowed token id written where targets are padding, so the gather never reads a -inf logit.
+        device: where the tensors go.
+    """
+    prompt_lens = [len(s.prompt_ids) for s in samples]
+    seqs = [torch.tensor(s.prompt_ids + s.response_ids.tolist(), dtype=torch.long) for s in samples]
+    length = max(len(s) for s in seqs)
+    input_ids = _pad(seqs, length, pad_id, torch.long)  # (B, L)
+    attention_mask = _pad([torch.ones(len(s), dtype=torch.long) for s in seqs], length, 0, torch.long)  # (B, L)
+
+    lo = min(prompt_lens) - 1
+    hi = max(p + s.response_len for p, s in zip(prompt_lens, samples, strict=True)) - 1  # exclusive
+    keep = torch.arange(lo, max(hi, lo + 1))  # (K,)
+    steps = torch.arange(response_len)  # (T,)
+    index = (torch.tensor(prompt_lens)[:, None] - 1 - lo + steps).clamp(max=keep.numel() - 1)  # (B, T)
+    mask = steps[None, :] < torch.tensor([s.response_len for s in samples])[:, None]  # (B, T)
+    targets = _pad([s.response_ids for s in samples], response_len, filler_id, torch.long)  # (B, T)
+
+    def stack(name: str) -> torch.Tensor | None:
+        rows = [getattr(s, name) for s in samples]
+        return None if rows[0] is None else _pad(rows, response_len, 0.0, torch.float32).to(device)
+
+    return MicroBatch(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        pixel_values=torch.cat([images[s.image].pixel_values for s in samples]).to(device),
+        image_grid_thw=torch.cat([images[s.image].image_grid_thw for s in samples]).to(device),
+        keep=keep.to(device),
+        index=index.to(device),
+        targets=targets.to(device),
+        mask=mask.to(device),
+        sampler_logprobs=stack("sampler_logprobs"),
+        advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32, device=device),
+        old_logprobs=stack("old_logprobs"),
+        ref_logprobs=stack("ref_logprobs"),
+    )

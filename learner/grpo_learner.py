@@ -1,0 +1,389 @@
+"""One learner rank: a DeepSpeed ZeRO-3 engine around the policy, its GRPO update, weight broadcast and checkpoints.
+
+A plain class: pytest, a debugger or `ray.remote(Learner)` (what `LearnerGroup` does) all run the same code. Every
+rank runs every method in lockstep: ZeRO-3's forward and backward gather parameter shards collectively, so all ranks
+must see the same number of micro-batches (the group gives them equal shares) and call `broadcast_weights` and
+`save_checkpoint` together.
+
+The loss of a minibatch is normalised globally: each micro-batch's loss is scaled by its share of the minibatch's
+tokens (or sequences) over all ranks, times the world size that DeepSpeed's gradient averaging divides by. A 2-rank
+step on a batch therefore changes the weights as a 1-rank step on the same batch does, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Import order matters: deepspeed's ZeRO-3 patches Tensor.__new__ while it partitions, and a lazy `torch._dynamo`
+# import by transformers inside that window fails with "Signature mismatch ... tensor_pynew" (docs cpu-stack.md).
+import torch
+import torch._dynamo  # noqa: F401  (imported for its side effect, before deepspeed)
+import torch.distributed as dist
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+import deepspeed  # isort: skip
+import ray
+
+from actors.vocab import allowed_token_ids
+from learner import checkpoint
+from learner.batch import MicroBatch, Sample, collate, encode_groups
+from learner.config import GRPOConfig, LearnerConfig
+from learner.grpo import aggregate, entropy_from_logits, kl_penalty, policy_loss, truncated_is_weights
+from learner.weight_sync import SyncGroup, SyncGroupInfo, SyncPlan, pack_bucket, plan_buckets
+from replay.trajectory import TrajectoryGroup
+
+logger = logging.getLogger(__name__)
+
+# Per-token metrics, averaged over the update's tokens on all ranks (loss terms as aggregated per micro-batch).
+_TOKEN_METRICS = ("loss/policy", "loss/kl", "loss/total", "policy/entropy", "policy/clip_fraction", "policy/approx_kl")
+_SUM_KEYS = (
+    *_TOKEN_METRICS,
+    "tokens",
+    "policy/logprob_diff",
+    "first_pass_tokens",
+    "optim/grad_norm",
+    "optim/steps",
+    "optim/skipped_steps",
+)
+
+
+class Learner:
+    """One rank of the learner group.
+
+    Args:
+        config: the learner's settings (model directory, DeepSpeed preset, optimizer, micro-batch size, ...).
+        grpo: the loss settings.
+        rank: this rank in the learner world.
+        world_size: number of learner ranks.
+
+    Call `setup(master_addr, master_port)` on every rank before anything else; `node_address()` tells rank 0's.
+    """
+
+    def __init__(self, config: LearnerConfig, grpo: GRPOConfig, rank: int = 0, world_size: int = 1):
+        self.config, self.grpo = config.validate(), grpo.validate()
+        self.rank, self.world_size = rank, world_size
+        self.step = 0  # update() calls so far
+        self.version = 0  # policy version of the last weight sync
+        self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients, over the whole run
+        self._sync_info: SyncGroupInfo | None = None
+        self._sync_store: dist.Store | None = None
+        self._sync_group: SyncGroup | None = None
+        self._frozen_sent = False  # frozen parameters go to the engines once per sync group
+
+    @staticmethod
+    def node_address() -> tuple[str, int]:
+        """This node's IP and a free TCP port on it (rank 0's are the learner world's master address)."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1", s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Joins the learner world (gloo on CPU, NCCL on GPU), builds the DeepSpeed engine, reference and processor."""
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK=str(self.device.index or 0),
+        )
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        random.seed(self.config.seed)
+        np.random.seed(self.config.seed)
+        torch.manual_seed(self.config.seed)
+
+        self.ds_config = self._deepspeed_config(cuda)
+        dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+        model = self._load_model(dtype).train()  # from_pretrained gives eval mode, where HF skips checkpointing
+        if self.config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.config.freeze_vision:
+            model.model.visual.requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            trainable, lr=self.config.lr, betas=self.config.betas, weight_decay=self.config.weight_decay
+        )
+        warmup = self.config.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        # A torch optimizer instead of the config's: DeepSpeed's own Adam ops compile with gcc on first use (~80 s).
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+        self.reference = None
+        if self.grpo.kl_coef > 0:
+            self.reference, *_ = deepspeed.initialize(model=self._load_model(dtype).eval(), config=self.ds_config)
+
+        self.processor = AutoProcessor.from_pretrained(self.config.model_dir)
+        tokenizer = self.processor.tokenizer
+        allowed = torch.tensor(allowed_token_ids(tokenizer))
+        vocab = model.config.text_config.vocab_size
+        self.banned = torch.ones(vocab, dtype=torch.bool, device=self.device)  # (V,)
+        self.banned[allowed] = False
+        self.pad_id = tokenizer.pad_token_id
+        self.filler_id = int(allowed[0])
+
+    def _deepspeed_config(self, cuda: bool) -> dict[str, Any]:
+        cfg = self.config
+        ds = json.loads(cfg.deepspeed_config_path(cuda).read_text())
+        ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+        ds["gradient_accumulation_steps"] = 1  # accumulation is ours: step() ends a minibatch (unmanaged mode)
+        ds["train_batch_size"] = cfg.micro_batch_size * self.world_size
+        ds["gradient_clipping"] = cfg.grad_clip
+        zero = ds["zero_optimization"]
+        zero["offload_param"]["device"] = "cpu" if cfg.param_offload else "none"
+        zero["offload_optimizer"]["device"] = "cpu" if cfg.optimizer_offload else "none"
+        if cfg.param_persistence_threshold is not None:
+            zero["stage3_param_persistence_threshold"] = cfg.param_persistence_threshold
+        return ds
+
+    def _load_model(self, dtype: torch.dtype) -> Qwen2_5_VLForConditionalGeneration:
+        # Every rank loads the whole model into host memory and deepspeed.initialize partitions it. Loading straight
+        # into shards needs transformers' HfDeepSpeedConfig, which requires the `accelerate` package (not installed).
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.config.model_dir, dtype=dtype)
+        model.config.use_cache = False
+        return model
+
+    # ----------------------------------------------------------------------------------------------------- update
+
+    def update(self, groups: list[TrajectoryGroup | Any]) -> dict[str, float]:
+        """One GRPO update on this rank's share of the batch; returns metrics reduced over all ranks.
+
+        Args:
+            groups: trajectory groups, or objects with a `.ref` (replay.BufferItem) / ObjectRefs pointing to them,
+                which this rank fetches from Ray's object store itself.
+
+        Returns:
+            `loss/policy`, `loss/kl`, `loss/total`, `policy/entropy`, `policy/clip_fraction`, `policy/approx_kl`,
+            `policy/logprob_diff` (mean |learner - sampler| log-prob, before the update), `optim/grad_norm`,
+            `optim/lr`, `optim/steps`, `optim/skipped_steps` (in this update), `perf/update_s`.
+        """
+        start = time.perf_counter()
+        groups = [_resolve(g) for g in groups]
+        samples, images = encode_groups(groups, self.processor, self.grpo.normalize_std, self.grpo.adv_eps)
+        counts = self._all_reduce(torch.tensor([len(samples), -len(samples)]), dist.ReduceOp.MAX).tolist()
+        if counts[0] != -counts[1]:
+            raise ValueError(f"learner ranks got unequal numbers of samples ({-counts[1]}..{counts[0]}): shard evenly")
+        longest = max((s.response_len for s in samples), default=1)
+        response_len = int(self._all_reduce(torch.tensor([longest]), dist.ReduceOp.MAX))
+
+        minibatches = [list(m) for m in np.array_split(np.arange(len(samples)), self.grpo.num_minibatches)]
+        if self.grpo.ppo_epochs > 1 or self.grpo.num_minibatches > 1:
+            self._precompute(samples, images, response_len, self.engine, "old_logprobs")
+        if self.reference is not None:
+            self._precompute(samples, images, response_len, self.reference, "ref_logprobs")
+
+        sums = dict.fromkeys(_SUM_KEYS, 0.0)
+        for epoch in range(self.grpo.ppo_epochs):
+            for indices in minibatches:
+                self._train_minibatch([samples[i] for i in indices], images, response_len, sums, epoch == 0)
+        self.step += 1
+        return self._reduce_metrics(sums, time.perf_counter() - start)
+
+    def _micro_batches(self, samples: list[Sample], images, response_len: int) -> list[MicroBatch]:
+        size = self.config.micro_batch_size
+        return [
+            collate(samples[i : i + size], images, response_len, self.pad_id, self.filler_id, self.device)
+            for i in range(0, len(samples), size)
+        ]
+
+    def _logprobs(self, engine, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) log-probs of the response tokens and the (B, T, V) float32 logits, under the allowed-token mask."""
+        out = engine(
+            input_ids=mb.input_ids,
+            attention_mask=mb.attention_mask,
+            pixel_values=mb.pixel_values,
+            image_grid_thw=mb.image_grid_thw,
+            logits_to_keep=mb.keep,
+            use_cache=False,
+        )
+        vocab = out.logits.shape[-1]
+        logits = out.logits.gather(1, mb.index[..., None].expand(-1, -1, vocab))  # (B, T, V)
+        # The same mask vLLM samples under (allowed_token_ids): banned tokens get probability 0 here too.
+        logits = logits.float().masked_fill(self.banned, float("-inf"))
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, mb.targets[..., None]).squeeze(-1)  # (B, T)
+        return logprobs, logits
+
+    @torch.no_grad()
+    def _precompute(self, samples: list[Sample], images, response_len: int, engine, field: str) -> None:
+        """Stores each sample's log-probs under `engine`'s current weights (old policy or reference) in `field`."""
+        size = self.config.micro_batch_size
+        for i, mb in enumerate(self._micro_batches(samples, images, response_len)):
+            logprobs, _ = self._logprobs(engine, mb)
+            for sample, row in zip(samples[i * size : (i + 1) * size], logprobs.cpu(), strict=True):
+                setattr(sample, field, row[: sample.response_len].clone())
+
+    def _units(self, mask: torch.Tensor) -> float:
+        """What the loss aggregation averages over: tokens (token-mean), or sequences (the seq-mean modes)."""
+        if self.grpo.loss_agg == "token-mean":
+            return float(mask.sum())
+        if self.grpo.loss_agg == "seq-mean-token-mean":
+            return float(mask.any(dim=-1).sum())
+        return float(mask.shape[0])
+
+    def _train_minibatch(self, samples, images, response_len: int, sums: dict[str, float], first_pass: bool) -> None:
+        """Accumulates the minibatch's gradients over its micro-batches and takes one optimizer step."""
+        g = self.grpo
+        micro = self._micro_batches(samples, images, response_len)
+        total_units = float(self._all_reduce(torch.tensor([sum(self._units(mb.mask) for mb in micro)])))
+        for mb in micro:
+            logprobs, logits = self._logprobs(self.engine, mb)
+            with torch.set_grad_enabled(g.entropy_coef > 0):  # (B, T, V) temporaries: no graph unless trained on
+                entropy = aggregate(entropy_from_logits(logits), mb.mask, g.loss_agg)
+            old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()  # (B, T)
+            is_weights = truncated_is_weights(old, mb.sampler_logprobs, g.is_cap) if g.is_cap else None
+            pg_loss, pg_metrics = policy_loss(
+                logprobs, old, mb.advantages, mb.mask, g.clip_low, g.clip_high, g.loss_agg, g.dual_clip, is_weights
+            )
+            kl = torch.zeros((), device=self.device)
+            if g.kl_coef > 0:
+                kl = aggregate(kl_penalty(logprobs, mb.ref_logprobs, g.kl_estimator), mb.mask, g.loss_agg)
+            loss = pg_loss + g.kl_coef * kl - g.entropy_coef * entropy
+            # This micro-batch's share of the minibatch over all ranks; x W undoes DeepSpeed's gradient averaging.
+            self.engine.backward(loss * (self._units(mb.mask) * self.world_size / max(total_units, 1.0)))
+
+            tokens = float(mb.mask.sum())
+            values = torch.stack([pg_loss, kl, loss, entropy]).detach().tolist()
+            values += [pg_metrics["clip_fraction"], pg_metrics["approx_kl"]]
+            for key, value in zip(_TOKEN_METRICS, values, strict=True):
+                sums[key] += value * tokens
+            sums["tokens"] += tokens
+            if first_pass:
+                sums["policy/logprob_diff"] += float(torch.where(mb.mask, (old - mb.sampler_logprobs).abs(), 0.0).sum())
+                sums["first_pass_tokens"] += tokens
+        self.engine.step()
+        # DeepSpeed's ZeRO-3 step already refuses non-finite gradients (NaN/inf loss included): it zeroes them and
+        # leaves weights, optimizer state and the lr schedule untouched. We count and report the skip.
+        if self.engine.was_step_applied():
+            sums["optim/grad_norm"] += float(self.engine.get_global_grad_norm())
+            sums["optim/steps"] += 1
+        else:
+            self.skipped_steps += 1
+            sums["optim/skipped_steps"] += 1
+            if self.rank == 0:
+                logger.warning("skipped optimizer step in update %d: non-finite loss or gradients", self.step)
+
+    def _reduce_metrics(self, sums: dict[str, float], elapsed: float) -> dict[str, float]:
+        # Every rank sums the same keys (_SUM_KEYS) in one all-reduce; step counters are global already, so /W.
+        totals = dict(
+            zip(_SUM_KEYS, self._all_reduce(torch.tensor([sums[k] for k in _SUM_KEYS])).tolist(), strict=True)
+        )
+        metrics = {k: totals[k] / max(totals["tokens"], 1.0) for k in _TOKEN_METRICS}
+        metrics["policy/logprob_diff"] = totals["policy/logprob_diff"] / max(totals["first_pass_tokens"], 1.0)
+        steps = totals["optim/steps"] / self.world_size
+        metrics["optim/grad_norm"] = totals["optim/grad_norm"] / self.world_size / steps if steps else 0.0
+        metrics["optim/steps"] = steps
+        metrics["optim/skipped_steps"] = totals["optim/skipped_steps"] / self.world_size
+        metrics["optim/lr"] = float(self.scheduler.get_last_lr()[0])
+        metrics["perf/update_s"] = elapsed
+        return metrics
+
+    def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        t = t.to(self.device)
+        dist.all_reduce(t, op=op)
+        return t.cpu()
+
+    # -------------------------------------------------------------------------------------------------- weights
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full weights with Hugging Face names, on rank 0 (other ranks get {}); collective: call on every rank.
+
+        Also the late-join path for a single engine: `engine.load_weights(state_dict.items())`.
+        """
+        state = self.engine._zero3_consolidated_16bit_state_dict()
+        return {k: v.cpu() for k, v in state.items()} if self.rank == 0 else {}
+
+    def serve_weight_sync(self, world_size: int, backend: str, timeout_s: float) -> SyncGroupInfo:
+        """Rank 0: opens a new sync group's store; the next sync sends every parameter (frozen ones included)."""
+        host = self.node_address()[0]
+        backend = ("nccl" if self.device.type == "cuda" else "gloo") if backend == "auto" else backend
+        self._sync_info, self._sync_store = SyncGroup.serve(host, world_size, backend, timeout_s)
+        self._frozen_sent = False
+        return self._sync_info
+
+    def join_weight_sync(self) -> None:
+        """Rank 0: joins the group opened by `serve_weight_sync`; blocks until every engine worker joined."""
+        self._sync_group = SyncGroup.join(self._sync_info, 0, self.device, store=self._sync_store)
+
+    def weight_plan(self, version: int, bucket_mb: int) -> SyncPlan:
+        """The next sync's plan: trainable parameters, plus frozen ones on a group's first sync."""
+        full = not self._frozen_sent
+        params = [
+            (name, tuple(p.ds_shape), p.dtype)
+            for name, p in self.engine.module.named_parameters()
+            if full or p.requires_grad
+        ]
+        return plan_buckets(params, bucket_mb * 2**20, version, full)
+
+    def broadcast_weights(self, plan: SyncPlan) -> dict[str, float]:
+        """Every rank: gathers each bucket's ZeRO-3 shards; rank 0 packs and broadcasts them to the sync group.
+
+        Returns:
+            `gather_s` (gathering and packing) and `broadcast_s` (sending, which includes waiting for the engines to
+            load the previous bucket) on rank 0.
+        """
+        named = dict(self.engine.module.named_parameters())
+        gather_s = broadcast_s = 0.0
+        for bucket in plan.buckets:
+            t0 = time.perf_counter()
+            params = [named[slot.name] for slot in bucket.slots]
+            with deepspeed.zero.GatheredParameters(params):
+                if self.rank == 0:
+                    flat = pack_bucket(bucket, {s.name: named[s.name].data for s in bucket.slots}, self.device)
+            t1 = time.perf_counter()
+            if self.rank == 0:
+                self._sync_group.broadcast(flat)
+            gather_s, broadcast_s = gather_s + t1 - t0, broadcast_s + time.perf_counter() - t1
+        self.version = plan.version
+        self._frozen_sent = self._frozen_sent or plan.full
+        return {"gather_s": gather_s, "broadcast_s": broadcast_s}
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, root: str, run_config: dict[str, Any], keep_last: int) -> str:
+        """Every rank: writes checkpoint `root/step-<step>` atomically (see learner.checkpoint); returns its path."""
+        tmp = checkpoint.begin(root, self.step, self.rank)
+        dist.barrier()
+        trainer_state = {"step": self.step, "version": self.version, "skipped_steps": self.skipped_steps}
+        # Nested: DeepSpeed drops client keys that clash with its own (it has a "skipped_steps").
+        client_state = {"learner": trainer_state}
+        self.engine.save_checkpoint(str(tmp / checkpoint.DEEPSPEED_DIR), tag="state", client_state=client_state)
+        checkpoint.save_rng(tmp, self.rank)
+        state = self.consolidated_state_dict()
+        if self.rank == 0:
+            checkpoint.save_hf(tmp, self.engine.module, state, self.config.model_dir)
+            checkpoint.save_meta(tmp, trainer_state, run_config)
+        dist.barrier()
+        final = checkpoint.commit(root, tmp, keep_last) if self.rank == 0 else None
+        dist.barrier()
+        return str(final or checkpoint.path_for(root, self.step))
+
+    def load_checkpoint(self, path: str) -> dict[str, int]:
+        """Every rank: restores weights, optimizer, lr schedule, step, version and RNG from a checkpoint directory."""
+        path = Path(path)
+        _, client_state = self.engine.load_checkpoint(str(path / checkpoint.DEEPSPEED_DIR), tag="state")
+        if client_state is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {path / checkpoint.DEEPSPEED_DIR}")
+        trainer_state = client_state["learner"]
+        self.step, self.version = trainer_state["step"], trainer_state["version"]
+        self.skipped_steps = trainer_state["skipped_steps"]
+        checkpoint.load_rng(path, self.rank)
+        self._frozen_sent = False  # engines must be sent everything again
+        return {"step": self.step, "version": self.version}
+
+
+def _resolve(item: Any) -> TrajectoryGroup:
+    """A trajectory group from itself, a BufferItem (`.ref`) or an ObjectRef: refs are pulled from the object store."""
+    if isinstance(item, TrajectoryGroup):
+        return item
+    return ray.get(getattr(item, "ref", item))

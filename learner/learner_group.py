@@ -1,0 +1,158 @@
+"""The learner group: W `Learner` Ray actors forming one DeepSpeed world, and the driver's handle on them.
+
+Rank layout: learner rank r runs in bundle `bundle_offset + r` of the caller's placement group (one GPU each on GPU
+nodes); rank 0's node address and a free port on it are the world's MASTER_ADDR/PORT (NCCL on GPU, gloo on CPU).
+
+Weight sync, seen from the driver (`init_weight_sync` once, `sync_weights` every k updates)::
+
+    driver --serve--> learner 0: new TCPStore          --> SyncGroupInfo
+    driver --join_weight_sync(info, 1 + i*TP)--> engine i (all its TP workers)   } concurrently: joining blocks
+    driver --join_weight_sync--> learner 0                                       } until all members are in
+    ...
+    driver --weight_plan--> learner 0                   --> SyncPlan (names, shapes, buckets)
+    driver --receive_weights(plan)--> engine i          ONE control call per engine per sync
+    driver --broadcast_weights(plan)--> every learner   ZeRO-3 gather per bucket; rank 0 broadcasts
+
+An engine is any Ray actor handle (a rollout actor, or a vLLM engine actor) with two remote methods:
+`join_weight_sync(info, rank_offset)` and `receive_weights(plan) -> load seconds`. Each forwards to the same-named
+method of `actors/vllm_worker_ext.py` on all its workers through `collective_rpc`; `receive_weights` then resets the
+engine's prefix and encoder caches and takes `plan.version` as its policy version.
+
+Late join (an engine restarted): the old group has a dead member and cannot be reused, so the driver calls
+`init_weight_sync` again with the full list of engines; the first sync of a new group sends every parameter, frozen
+ones included, so the new engine holds the current weights before it generates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from learner.config import GRPOConfig, LearnerConfig, WeightSyncConfig
+from learner.grpo_learner import Learner
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    """Timings of one weight sync (seconds) and its size."""
+
+    version: int
+    nbytes: int
+    full: bool  # frozen parameters included
+    gather_s: float  # ZeRO-3 gathers and packing on learner rank 0
+    broadcast_s: float  # sending on learner rank 0 (overlaps the engines' loading)
+    load_s: float  # slowest engine's receive + load
+    total_s: float  # wall time of the whole sync, as the driver sees it
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.total_s / 1e9 if self.total_s > 0 else 0.0
+
+
+class LearnerGroup:
+    """W learner actors in one DeepSpeed world.
+
+    Args:
+        config: learner settings (`num` ranks).
+        grpo: loss settings.
+        sync: weight-sync settings.
+        placement_group: the caller's placement group; None schedules the actors freely.
+        bundle_offset: first bundle of `placement_group` used by rank 0 (rank r uses offset + r).
+        num_cpus: CPUs reserved by each learner actor.
+        use_gpu: one GPU per learner actor.
+    """
+
+    def __init__(
+        self,
+        config: LearnerConfig,
+        grpo: GRPOConfig,
+        sync: WeightSyncConfig,
+        placement_group: PlacementGroup | None = None,
+        bundle_offset: int = 0,
+        num_cpus: float = 1,
+        use_gpu: bool = False,
+    ):
+        self.config, self.sync = config.validate(), sync.validate()
+        actor_cls = ray.remote(Learner)
+        self.learners = []
+        for rank in range(config.num):
+            options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": 1 if use_gpu else 0}
+            if placement_group is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group, placement_group_bundle_index=bundle_offset + rank
+                )
+            self.learners.append(actor_cls.options(**options).remote(config, grpo, rank, config.num))
+        addr, port = ray.get(self.learners[0].node_address.remote())
+        ray.get([learner.setup.remote(addr, port) for learner in self.learners])
+        self.engines: list[Any] = []
+
+    def update(self, groups: list[Any]) -> dict[str, float]:
+        """One GRPO update over the batch, `grpo.num_minibatches` optimizer steps per pass, on all ranks.
+
+        Args:
+            groups: TrajectoryGroups, or BufferItems / ObjectRefs of them: each rank pulls its own slice's objects
+                from Ray's object store (the driver never touches the images).
+
+        Returns:
+            Metrics reduced over all ranks (see `Learner.update`).
+        """
+        world = len(self.learners)
+        if not groups or len(groups) % world:
+            raise ValueError(f"{len(groups)} groups cannot be split evenly (and non-empty) over learner.num={world}")
+        # Strided shards: rank r gets groups r, r + W, ... Each rank cuts its share into the same number of
+        # minibatches, so optimizer step k trains on the k-th contiguous slice of the batch, whatever W is.
+        refs = [learner.update.remote(groups[r::world]) for r, learner in enumerate(self.learners)]
+        return ray.get(refs)[0]
+
+    def init_weight_sync(self, engines: list[Any], workers_per_engine: int = 1) -> None:
+        """(Re-)creates the sync group of learner rank 0 and every worker of `engines` (TP = workers_per_engine)."""
+        world_size = len(engines) * workers_per_engine + 1
+        leader = self.learners[0]
+        info = ray.get(leader.serve_weight_sync.remote(world_size, self.sync.backend, self.sync.timeout_s))
+        joins = [engine.join_weight_sync.remote(info, 1 + i * workers_per_engine) for i, engine in enumerate(engines)]
+        ray.get([leader.join_weight_sync.remote(), *joins])
+        self.engines = list(engines)
+
+    def sync_weights(self, version: int) -> SyncStats:
+        """Broadcasts the current weights to every engine of the sync group; they then serve `version`."""
+        if not self.engines:
+            raise RuntimeError("init_weight_sync(engines) must be called before sync_weights")
+        start = time.perf_counter()
+        plan = ray.get(self.learners[0].weight_plan.remote(version, self.sync.bucket_mb))
+        loads = [engine.receive_weights.remote(plan) for engine in self.engines]
+        sends = [learner.broadcast_weights.remote(plan) for learner in self.learners]
+        timings = ray.get(sends)[0]
+        load_s = max(ray.get(loads))
+        return SyncStats(
+            version=version,
+            nbytes=plan.nbytes,
+            full=plan.full,
+            gather_s=timings["gather_s"],
+            broadcast_s=timings["broadcast_s"],
+            load_s=load_s,
+            total_s=time.perf_counter() - start,
+        )
+
+    def consolidated_state_dict(self) -> dict:
+        """The full weights (Hugging Face names) from rank 0, e.g. for `engine.load_weights` or inspection."""
+        return ray.get([learner.consolidated_state_dict.remote() for learner in self.learners])[0]
+
+    def save_checkpoint(self, root: str, run_config: dict[str, Any], keep_last: int) -> str:
+        """Writes a checkpoint under `root` (see learner.checkpoint); returns its directory."""
+        refs = [learner.save_checkpoint.remote(root, run_config, keep_last) for learner in self.learners]
+        return ray.get(refs)[0]
+
+    def load_checkpoint(self, path: str) -> dict[str, int]:
+        """Restores every rank from a checkpoint directory; returns its step and version."""
+        return ray.get([learner.load_checkpoint.remote(path) for learner in self.learners])[0]
+
+    def shutdown(self) -> None:
+        """Ends the learner actors."""
+        for learner in self.learners:
+            ray.kill(learner)
+        self.learners = []

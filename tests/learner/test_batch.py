@@ -1,0 +1,47 @@
+"""Batch building: advantages per group, and that `index` picks exactly the logits that predict each response token."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from learner.batch import collate, encode_groups
+
+
+def test_samples_carry_group_advantages_and_sampler_logprobs(processor, make_groups):
+    groups = make_groups(3, seed=0)
+    samples, images = encode_groups(groups, processor, normalize_std=True, eps=1e-6)
+    assert len(images) == 3 and len(samples) == 12
+    advantages = torch.tensor([s.advantage for s in samples]).view(3, 4)
+    assert torch.allclose(advantages.mean(dim=1), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(advantages.std(dim=1, unbiased=False), torch.ones(3), atol=1e-4)
+    assert samples[5].response_ids.tolist() == groups[1].response_ids[1]
+    assert samples[5].sampler_logprobs.tolist() == pytest.approx(groups[1].response_logprobs[1])
+
+
+def test_index_selects_the_positions_that_predict_each_response_token(processor, make_groups):
+    samples, images = encode_groups(make_groups(3, seed=1), processor, normalize_std=True, eps=1e-6)
+    picked = [samples[0], samples[5], samples[10]]  # three groups: different prompt and response lengths
+    response_len = max(s.response_len for s in picked) + 3
+    mb = collate(picked, images, response_len, pad_id=0, filler_id=7, device=torch.device("cpu"))
+    # A "model" whose logits at position p are the one-hot of the true next input token: the gathered logits must
+    # then name each response token exactly, wherever the sample's prompt ends.
+    vocab = int(mb.input_ids.max()) + 1
+    next_tokens = torch.roll(mb.input_ids, -1, dims=1)[:, mb.keep]  # (B, K)
+    logits = torch.nn.functional.one_hot(next_tokens, vocab).float()  # (B, K, V)
+    gathered = logits.gather(1, mb.index[..., None].expand(-1, -1, vocab)).argmax(-1)  # (B, T)
+    assert torch.equal(gathered[mb.mask], mb.targets[mb.mask])
+    assert mb.mask.sum(dim=1).tolist() == [s.response_len for s in picked]
+    assert (mb.targets[~mb.mask] == 7).all()  # padding targets hold the allowed filler id, never a banned id
+    assert mb.pixel_values.shape[0] == int(mb.image_grid_thw.prod(dim=1).sum())
+    assert mb.sampler_logprobs.shape == (3, response_len) and mb.old_logprobs is None
+
+
+def test_prompt_image_mismatch_is_rejected(processor, make_groups):
+    group = make_groups(1, seed=2)[0]
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    cut = dataclasses.replace(group, prompt_ids=[t for t in group.prompt_ids if t != pad][:-1] + [pad])
+    with pytest.raises(ValueError, match="prompt has 1 image pads but the image gives"):
+        encode_groups([cut], processor, normalize_std=True, eps=1e-6)

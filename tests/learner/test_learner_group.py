@@ -1,0 +1,96 @@
+"""The DeepSpeed ZeRO-3 learner group on CPU: sharded steps, NaN skips, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from learner import checkpoint
+
+
+def _delta(before: dict, after: dict) -> torch.Tensor:
+    return torch.cat([(after[k] - before[k]).flatten() for k in sorted(before)])
+
+
+def test_two_rank_step_changes_weights_as_one_rank_step(learners_1, learners_2, make_groups):
+    # Both groups start from the same model directory; each runs the same update (2 minibatches, micro-batches of
+    # 3, old log-probs precomputed) on the same 4 groups, split over 2 ranks in one case.
+    before = learners_1.consolidated_state_dict()
+    assert all(torch.equal(before[k], v) for k, v in learners_2.consolidated_state_dict().items())
+    groups = make_groups(4, seed=10)
+    metrics_1 = learners_1.update(groups)
+    metrics_2 = learners_2.update(groups)
+    delta_1 = _delta(before, learners_1.consolidated_state_dict())
+    delta_2 = _delta(before, learners_2.consolidated_state_dict())
+    assert delta_1.abs().max() > 1e-3  # the step did move the weights (lr 1e-2, Adam)
+    assert (delta_1 - delta_2).norm() / delta_1.norm() < 1e-3
+    assert metrics_1["optim/steps"] == metrics_2["optim/steps"] == 2
+    for key in ("loss/policy", "policy/entropy", "policy/logprob_diff", "optim/grad_norm", "policy/clip_fraction"):
+        assert metrics_1[key] == pytest.approx(metrics_2[key], rel=1e-4, abs=1e-6), key
+    assert all(np.isfinite(v) for v in metrics_2.values())
+    assert metrics_2["policy/logprob_diff"] > 0 and metrics_2["optim/lr"] == pytest.approx(1e-2)
+    assert metrics_2["loss/kl"] > 0  # the second minibatch's policy has moved away from the reference
+
+
+def test_non_finite_batch_skips_the_step_and_training_goes_on(learners_2, make_groups):
+    poisoned = make_groups(2, seed=20)
+    poisoned[0] = dataclasses.replace(
+        poisoned[0], response_logprobs=[[float("nan")] * len(r) for r in poisoned[0].response_ids]
+    )
+    before = learners_2.consolidated_state_dict()
+    metrics = learners_2.update(poisoned)  # rank 0's both minibatches hold NaN importance weights
+    assert metrics["optim/skipped_steps"] == 2 and metrics["optim/steps"] == 0
+    after = learners_2.consolidated_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # Refs, as the buffer hands them out: each rank pulls its own groups from the object store.
+    healthy = learners_2.update([ray.put(g) for g in make_groups(2, seed=21)])
+    assert healthy["optim/skipped_steps"] == 0 and healthy["optim/steps"] == 2
+    final = learners_2.consolidated_state_dict()
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert not all(torch.equal(after[k], final[k]) for k in after)
+
+
+def test_resume_continues_with_identical_weights_and_step(learners_2, make_groups, tmp_path, tiny_model_dir):
+    learners_2.update(make_groups(2, seed=30))
+    path = learners_2.save_checkpoint(str(tmp_path), {"learner": {"lr": 1e-2}}, keep_last=2)
+    saved = learners_2.consolidated_state_dict()
+    state = checkpoint.read_state(path)
+    assert (
+        checkpoint.latest(tmp_path) == tmp_path / f"step-{state['step']:08d}"
+        and str(checkpoint.latest(tmp_path)) == path
+    )
+    assert json.loads((tmp_path / path / checkpoint.RUN_CONFIG_FILE).read_text()) == {"learner": {"lr": 1e-2}}
+
+    # Continue, then go back to the checkpoint and redo the same update: Adam's moments, the step and the lr
+    # schedule must all be restored for the second run to land on bit-identical weights.
+    batch = make_groups(2, seed=31)
+    learners_2.update(batch)
+    continued = learners_2.consolidated_state_dict()
+    restored = learners_2.load_checkpoint(path)
+    assert restored["step"] == state["step"]
+    assert all(torch.equal(saved[k], v) for k, v in learners_2.consolidated_state_dict().items())
+    learners_2.update(batch)
+    assert all(torch.equal(continued[k], v) for k, v in learners_2.consolidated_state_dict().items())
+
+    # The Hugging Face copy loads as it is, with the learner's weights and the model directory's processor files.
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(f"{path}/{checkpoint.HF_DIR}", dtype=torch.float32)
+    loaded = model.state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert (
+        AutoProcessor.from_pretrained(f"{path}/{checkpoint.HF_DIR}").tokenizer.get_vocab()
+        == AutoProcessor.from_pretrained(tiny_model_dir).tokenizer.get_vocab()
+    )
+
+
+def test_uneven_or_empty_batch_is_rejected(learners_2, make_groups):
+    with pytest.raises(ValueError, match="3 groups cannot be split evenly"):
+        learners_2.update(make_groups(3, seed=40))
+    with pytest.raises(ValueError, match="0 groups cannot be split evenly"):
+        learners_2.update([])
