@@ -156,6 +156,15 @@ class Game(abc.ABC):
     def step(self, action: Any) -> StepResult:
         """Applies `action` (None or an illegal action: the invalid-action penalty, board unchanged)."""
 
+    def random_legal_action(self, rng: np.random.Generator) -> Any | None:
+        """A uniformly random legal action drawn from `rng` (a pool's random steps); None once the episode is over.
+
+        An override may only make it cheaper: it must draw exactly as this does, one `rng.integers(len(legal))`
+        indexing `legal_actions()`, so that a pool's states do not depend on which games override it.
+        """
+        legal = self.legal_actions()
+        return legal[rng.integers(len(legal))] if legal else None
+
     # ---- shared mechanism -----------------------------------------------------------------------------------------
     def parse_action(self, text: str) -> Any | None:
         """The action in a response: the last <answer>...</answer> block if there is one, else the whole text.

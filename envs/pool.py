@@ -86,8 +86,7 @@ class GamePool:
         """A fresh game after K random legal steps (starting over when an episode ends on the way)."""
         game = envs.make(spec.name, seed=int(self.rng.integers(2**31)), **spec.difficulty)
         for _ in range(spec.steps_after_reset):
-            legal = game.legal_actions()
-            game.step(legal[self.rng.integers(len(legal))])
+            game.step(game.random_legal_action(self.rng))
             if game.terminated:
                 game = envs.make(spec.name, seed=int(self.rng.integers(2**31)), **spec.difficulty)
         return game
@@ -132,10 +131,9 @@ class GamePool:
         game = self._games[slot]
         if self._current.get(slot) != state.state_id or game is None:
             raise ValueError(f"pool: state {state.state_id!r} is not the latest snapshot of its game")
-        legal = game.legal_actions()
         action = game.parse_action(action_text)
-        if action not in legal:
-            action = legal[self.rng.integers(len(legal))]
+        if action not in game.legal_actions():
+            action = game.random_legal_action(self.rng)
         result = game.step(action)
         if game.terminated:
             self._games[slot] = self._new_game(self.slot_specs[slot])

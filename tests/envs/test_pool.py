@@ -49,6 +49,29 @@ def test_default_random_steps_follow_the_paper():
     assert 0 < state.game.steps <= 30 and not state.game.terminated
 
 
+@pytest.mark.parametrize("name", list(envs.GAMES))
+def test_random_legal_action_draws_one_index_into_legal_actions(name):
+    game, rng, twin = envs.make(name, seed=0), np.random.default_rng(0), np.random.default_rng(0)
+    for _ in range(20):
+        legal = game.legal_actions()
+        action = game.random_legal_action(rng)
+        assert action == legal[twin.integers(len(legal))]
+        game.step(action)
+        if game.terminated:
+            assert game.random_legal_action(rng) is None
+            game.reset()
+
+
+def test_shisen_sho_states_do_not_depend_on_its_cheaper_random_action(monkeypatch):
+    def states():
+        pool = GamePool([GameSpec("shisen_sho", difficulty={"rows": 4, "cols": 6})], num_games=3, seed=2)
+        return [(s.text_observation, s.game.steps, s.game.seed) for s in pool.sample(6)]
+
+    fast = states()
+    monkeypatch.setattr(envs.ShisenSho, "random_legal_action", envs.Game.random_legal_action)
+    assert states() == fast
+
+
 def test_same_seed_same_states():
     def texts(seed):
         pool = GamePool([GameSpec("2048", random_steps=10), GameSpec("tetris")], num_games=4, seed=seed)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from envs.shisen_sho import EMPTY, ShisenSho, connectable_pairs, tile_type
+from envs.shisen_sho import EMPTY, JoinablePairs, ShisenSho, connectable_pairs, tile_type
 
 _ = EMPTY
 A, B = 0, 1  # two tile types; walls are other types (2, 3, ...) that match nothing nearby
@@ -142,6 +142,50 @@ def test_pair_finder_matches_brute_force_on_random_boards():
             if board[p] == board[q] and _connected_reference(board, p, q)
         }
         assert found == expected, board
+
+
+def _brute_force_pairs(board: np.ndarray) -> list:
+    cells = [(r, c) for r in range(board.shape[0]) for c in range(board.shape[1]) if board[r, c] != EMPTY]
+    return [
+        (p, q)
+        for i, p in enumerate(cells)
+        for q in cells[i + 1 :]
+        if board[p] == board[q] and _connected_reference(board, p, q)
+    ]
+
+
+def test_pairs_kept_up_to_date_match_brute_force_after_every_removal():
+    """The incremental update (only paths through the emptied cells are looked for) against the brute force, on
+    boards with holes and many tiles of a type (so that many pairs appear and vanish) and on dealt boards."""
+    rng = np.random.default_rng(1)
+    boards = [np.where(rng.random((r, c)) < 0.3, EMPTY, rng.integers(0, 4, (r, c))) for r, c in [(5, 7), (8, 6)] * 6]
+    boards += [ShisenSho(seed=s, rows=8, cols=8).board for s in range(4)]
+    for board in boards:
+        pairs, board = JoinablePairs(board), board.copy()
+        while len(pairs):
+            assert pairs.pairs() == _brute_force_pairs(board)
+            (r1, c1), (r2, c2) = pair = pairs.pair_at(int(rng.integers(len(pairs))))
+            assert pairs.remove(pair)
+            board[r1, c1] = board[r2, c2] = EMPTY
+        assert _brute_force_pairs(board) == []
+
+
+def test_clones_mid_episode_replay_exactly_and_leave_the_original():
+    game, rng = ShisenSho(seed=5, rows=8, cols=8), np.random.default_rng(0)
+    for _ in range(5):
+        game.step(game.random_legal_action(rng))
+    board, legal = game.board.copy(), game.legal_actions()
+    finals = []
+    for clone in (game.clone(), game.clone()):
+        clone_rng = np.random.default_rng(1)
+        for _ in range(32):  # an 8 x 8 board holds 32 pairs
+            clone.step(clone.random_legal_action(clone_rng))
+        assert clone.terminated
+        finals.append(clone.board)
+    assert (finals[0] != board).any()
+    np.testing.assert_array_equal(finals[0], finals[1])
+    np.testing.assert_array_equal(game.board, board)
+    assert game.legal_actions() == legal
 
 
 def test_deal_uses_each_of_the_first_types_four_times_and_has_a_move():
