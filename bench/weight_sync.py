@@ -46,19 +46,6 @@ MEDIUM_VISION = dict(
 )
 
 
-class BenchEngine(VLLMEngine):
-    """The actors' engine with the engine side of LearnerGroup's sync protocol (join_weight_sync, receive_weights)."""
-
-    def join_weight_sync(self, info, rank_offset: int) -> None:
-        self.collective_rpc("join_weight_sync", args=(info, rank_offset))
-
-    def receive_weights(self, plan) -> float:
-        load_s = max(self.collective_rpc("receive_weights", args=(plan,)))
-        self.reset_caches()
-        self.policy_version = plan.version
-        return load_s
-
-
 def memcpy_gbps(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
     """Best of `repeats` copies of an `nbytes` buffer in this process, in GB/s (bytes copied per second)."""
     src = torch.ones(nbytes // 4)
@@ -77,7 +64,7 @@ def bench_model(name: str, model_dir: str, args: argparse.Namespace) -> dict[str
     group = LearnerGroup(config, GRPOConfig(), WeightSyncConfig(bucket_mb=args.bucket_mb), num_cpus=0.5)
     params = sum(t.numel() for t in group.consolidated_state_dict().values())
     rollout = RolloutConfig(max_model_len=1024, cpu_kv_cache_gib=1)
-    engines = [ray.remote(num_cpus=0.5)(BenchEngine).remote(model_dir, rollout) for _ in range(args.engines)]
+    engines = [ray.remote(num_cpus=0.5)(VLLMEngine).remote(model_dir, rollout) for _ in range(args.engines)]
     group.init_weight_sync(engines)
     first = group.sync_weights(version=1)
     print(f"{name}: {params / 1e6:.1f} M params, first (full) sync {first.total_s:.3f} s, {first.nbytes / 1e6:.0f} MB")

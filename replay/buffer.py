@@ -28,7 +28,7 @@ from replay.trajectory import TrajectoryGroup
 
 # Why an offered group did not come out of `get`: too old for the learner, no GRPO signal, no room in time,
 # offered after `close`, or held when a checkpoint was taken (a restored buffer starts empty).
-DROP_REASONS = ("stale", "uniform_reward", "put_timeout", "closed", "lost_on_restore")
+DROP_REASONS = ("stale", "uniform_reward", "put_timeout", "closed", "lost_on_restore", "actor_died")
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,20 @@ class ReplayBuffer:
             self._drops["stale"] += len(self._items) - len(fresh)
             self._items = fresh
             self._notify()
+
+    def drop_actor(self, actor_id: str) -> int:
+        """Drops every group from `actor_id` (its process died: it owned their objects, so they can't be read).
+
+        Returns:
+            How many groups were dropped (counted as "actor_died").
+        """
+        kept = [it for it in self._items if it.actor_id != actor_id]
+        dropped = len(self._items) - len(kept)
+        if dropped:
+            self._drops["actor_died"] += dropped
+            self._items = kept
+            self._notify()
+        return dropped
 
     def stats(self) -> BufferStats:
         staleness = self._last_staleness

@@ -106,8 +106,7 @@ def learners_1(ray_local, tiny_model_dir):
 
 
 class SyncedEngine(VLLMEngine):
-    """The actors' vLLM engine (CPU, in-process) plus the engine side of `LearnerGroup`'s sync protocol
-    (`join_weight_sync`, `receive_weights`) and what the tests inspect. Run as a Ray actor."""
+    """The actors' vLLM engine (CPU, in-process) plus what the tests inspect. Run as a Ray actor."""
 
     CONFIG = RolloutConfig(max_new_tokens=12, max_model_len=1024, cpu_kv_cache_gib=1)
 
@@ -119,15 +118,6 @@ class SyncedEngine(VLLMEngine):
         self.llm = None
         gc.collect()
         super().__init__(model_dir, self.CONFIG)
-
-    def join_weight_sync(self, info, rank_offset: int) -> None:
-        self.collective_rpc("join_weight_sync", args=(info, rank_offset))
-
-    def receive_weights(self, plan) -> float:
-        load_s = max(self.collective_rpc("receive_weights", args=(plan,)))
-        self.reset_caches()
-        self.policy_version = plan.version
-        return load_s
 
     def checksums(self) -> dict[str, str]:
         return self.collective_rpc("weight_checksums")[0]

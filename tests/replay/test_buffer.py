@@ -16,11 +16,11 @@ from envs.base import Reward
 from replay import DROP_REASONS, BufferConfig, BufferItem, BufferStats, ReplayBuffer, TrajectoryGroup
 
 
-def make_item(state_id: str, version: int = 0, uniform: bool = False) -> BufferItem:
+def make_item(state_id: str, version: int = 0, uniform: bool = False, actor_id: str = "a0") -> BufferItem:
     """An item whose ref is a stand-in: the plain class never looks inside it."""
     return BufferItem(
         ref=None, game="tetris", state_id=state_id, policy_version=version, uniform_reward=uniform, group_size=4,
-        actor_id="a0",
+        actor_id=actor_id,
     )  # fmt: skip
 
 
@@ -76,6 +76,21 @@ def test_get_rejects_batch_size_outside_capacity():
 
 
 # ---- the plain class under asyncio --------------------------------------------------------------------------------
+def test_drop_actor_removes_only_that_actors_groups_and_counts_them():
+    async def scenario():
+        buffer = ReplayBuffer(BufferConfig(capacity=8))
+        for i, actor in enumerate(["a0", "a1", "a0", "a1"]):
+            assert await buffer.put(make_item(f"s{i}", actor_id=actor))
+        assert buffer.drop_actor("a0") == 2
+        assert buffer.drop_actor("a0") == 0
+        assert ids(await buffer.get(2, timeout_s=0)) == ["s1", "s3"]
+        stats = buffer.stats()
+        assert stats.drops["actor_died"] == 2
+        assert_balanced(stats)
+
+    asyncio.run(scenario())
+
+
 def test_put_blocks_while_full_and_resumes_when_get_frees_room():
     async def scenario():
         buffer = ReplayBuffer(BufferConfig(capacity=2))
@@ -268,13 +283,6 @@ RemoteBuffer = ray.remote(ReplayBuffer)
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def wait_until(condition, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -282,7 +290,7 @@ def wait_until(condition, timeout_s: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def test_ray_put_blocks_producers_until_a_get_frees_room(ray_cluster):
+def test_ray_put_blocks_producers_until_a_get_frees_room(ray_local):
     buffer = RemoteBuffer.remote(BufferConfig(capacity=2))
     items = [BufferItem.from_group(make_group(f"s{i}"), "driver") for i in range(4)]
     # one at a time: an async actor may start calls submitted together in any order
@@ -300,7 +308,7 @@ def test_ray_put_blocks_producers_until_a_get_frees_room(ray_cluster):
     assert (stats.put_count, stats.get_count, stats.drops["put_timeout"], stats.size) == (4, 3, 1, 0)
 
 
-def test_ray_group_travels_by_reference_and_comes_back_equal(ray_cluster):
+def test_ray_group_travels_by_reference_and_comes_back_equal(ray_local):
     group = make_group("big", version=3, rewards=(0.0, 0.5, 1.0), side=256)
     item = BufferItem.from_group(group, "driver")
     assert (item.uniform_reward, item.group_size, item.policy_version) == (False, 3, 3)
@@ -340,7 +348,7 @@ class Producer:
         return results
 
 
-def test_ray_many_producers_one_consumer_lose_nothing(ray_cluster):
+def test_ray_many_producers_one_consumer_lose_nothing(ray_local):
     config = BufferConfig(capacity=4, max_staleness=1, drop_uniform_reward_groups=True)
     buffer = RemoteBuffer.remote(config)
     producers = [Producer.remote(buffer, f"a{k}") for k in range(3)]
