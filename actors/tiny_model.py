@@ -40,7 +40,7 @@ SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
-BPE_VOCAB_SIZE = 500  # 256 bytes + ~244 merges; with the specials and tags the tokenizer has ~520 ids
+BPE_VOCAB_SIZE = 1000  # 256 bytes + the merges the corpus supports (~680): a Tetris prompt is ~430 tokens, not ~730
 VOCAB_PAD_MULTIPLE = 64  # the embedding is padded past the tokenizer's end, like Qwen's (these ids are never sampled)
 SYSTEM_PROMPT = "You are a helpful assistant."
 

@@ -20,7 +20,7 @@ from envs.base import Game, Reward
 # runaway generation costs no more than this to score.
 MAX_SCORE_CHARS = 65536
 TAG_PAIRS = (("<perception>", "</perception>"), ("<think>", "</think>"), ("<answer>", "</answer>"))
-FORMAT_MODES = ("all", "partial")
+FORMAT_MODES = ("all", "partial", "tags")
 PERCEPTION_MODES = ("exact", "cells", "off")
 
 
@@ -30,7 +30,9 @@ class RewardConfig:
 
     Attributes:
         format_mode: "all" (the paper's: 1 iff the perception, think and answer tag pairs each appear exactly once,
-            in that order) or "partial" (1/3 per such pair, counting only pairs present once and in order).
+            in that order), "partial" (1/3 per such pair, counting only pairs present once and in order) or "tags"
+            (1/6 per tag present exactly once, a closing tag only after its opening one: the densest signal, for a
+            randomly initialized model that almost never writes a whole pair).
         perception_mode: "exact" (1 iff the ground-truth text appears verbatim inside the perception block), "cells"
             (fraction of the ground truth's `|`-separated cells read correctly, position by position) or "off".
         game_weight: weight of the game's shaped reward in the total.
@@ -76,8 +78,21 @@ def _ordered_pairs(text: str) -> int:
     return 0
 
 
+def _single_tags(text: str) -> int:
+    """How many of the six tags appear exactly once, a closing tag counting only after its (single) opening tag."""
+    found = 0
+    for open_tag, close_tag in TAG_PAIRS:
+        if text.count(open_tag) == 1:
+            found += 1
+            if text.count(close_tag) == 1 and text.find(close_tag) > text.find(open_tag):
+                found += 1
+    return found
+
+
 def format_reward(text: str, mode: str) -> float:
     """Format reward in [0, 1] of a (tail-cut) response; see `RewardConfig.format_mode`."""
+    if mode == "tags":
+        return _single_tags(text) / (2 * len(TAG_PAIRS))
     pairs = _ordered_pairs(text)
     if mode == "all":
         return float(pairs == len(TAG_PAIRS))

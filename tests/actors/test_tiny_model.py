@@ -33,7 +33,7 @@ def test_tags_are_single_added_tokens_that_survive_save_and_load(tokenizer):
     text = "<perception>\n2|-\n</perception><think>merge</think><answer>up</answer>"
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert tokenizer.decode(ids) == text
-    assert 500 <= len(tokenizer) <= 540  # ~520: a byte-level BPE of the games' texts + specials + tags
+    assert 900 <= len(tokenizer) <= 1000  # ~950: a byte-level BPE of the games' texts + specials + tags
 
 
 def test_allowed_ids_are_text_tags_and_end_of_turn_only(tokenizer, tiny_model_dir):

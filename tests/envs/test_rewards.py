@@ -27,21 +27,24 @@ def _response(perception: str = TRUTH, answer: str = "left") -> str:
 
 
 @pytest.mark.parametrize(
-    ("text", "all_", "partial"),
+    ("text", "all_", "partial", "tags"),
     [
-        ("<perception>a</perception><think>b</think><answer>c</answer>", 1.0, 1.0),
-        ("<think>b</think><answer>c</answer>", 0.0, 2 / 3),
-        ("<answer>c</answer>", 0.0, 1 / 3),
-        ("no tags at all", 0.0, 0.0),
-        ("<think>b</think><perception>a</perception><answer>c</answer>", 0.0, 2 / 3),  # out of order
-        ("<perception>a<think>b</perception></think><answer>c</answer>", 0.0, 2 / 3),  # overlapping pairs
-        ("</answer>c<answer>", 0.0, 0.0),  # closed before opened
-        ("<perception>a</perception><think>b</think><answer>c</answer><answer>d</answer>", 0.0, 2 / 3),
+        ("<perception>a</perception><think>b</think><answer>c</answer>", 1.0, 1.0, 1.0),
+        ("<think>b</think><answer>c</answer>", 0.0, 2 / 3, 4 / 6),
+        ("<answer>c</answer>", 0.0, 1 / 3, 2 / 6),
+        ("no tags at all", 0.0, 0.0, 0.0),
+        ("<think>b</think><perception>a</perception><answer>c</answer>", 0.0, 2 / 3, 1.0),  # out of order
+        ("<perception>a<think>b</perception></think><answer>c</answer>", 0.0, 2 / 3, 1.0),  # overlapping pairs
+        ("</answer>c<answer>", 0.0, 0.0, 1 / 6),  # closed before opened: only the opening tag counts
+        ("<perception>a</perception><think>b</think><answer>c</answer><answer>d</answer>", 0.0, 2 / 3, 4 / 6),
+        ("x <think> y", 0.0, 0.0, 1 / 6),  # a lone tag: the first step a random model can take
+        ("</think></think><think>", 0.0, 0.0, 1 / 6),  # a repeated tag earns nothing
     ],
 )
-def test_format_modes(text, all_, partial):
+def test_format_modes(text, all_, partial, tags):
     assert format_reward(text, "all") == all_
     assert format_reward(text, "partial") == pytest.approx(partial)
+    assert format_reward(text, "tags") == pytest.approx(tags)
 
 
 def test_tag_spam_earns_nothing():

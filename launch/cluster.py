@@ -1,0 +1,128 @@
+"""Ray plumbing of a training run: connecting, placing the actors, and keeping rollout actors alive.
+
+The only module besides launch/train.py that applies `ray.remote`. Layout:
+
+    placement group "learners": learner.num bundles {CPU, GPU: 1}, PACK    (one DeepSpeed world, one node if it fits)
+    placement group "rollouts": actors.num bundles {CPU, GPU: actors.tp}, SPREAD (one vLLM engine each, across nodes)
+    the buffer: a plain actor (no GPU, no CPU reserved: it only moves object references)
+
+Adding nodes to the cluster and raising `actors.num` adds actors; no code changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.models import ModelSource
+from actors.rollout_actor import RolloutActor
+from launch.config import TrainConfig
+from replay.buffer import ReplayBuffer
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "vlm-gym-rl"  # actors are named (rollout-<i>, replay-buffer) in this namespace: `ray.get_actor(name)`
+# Environment of every actor: vLLM in one process per actor (the fast mode on few cores, see
+# ../shared/docs/cpu-stack.md), no hub. OMP_NUM_THREADS is left to Ray, which sets it to each actor's num_cpus.
+CPU_ACTOR_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def connect(num_cpus: int | None = None) -> str:
+    """Joins the running cluster (`ray job submit`, RAY_ADDRESS, or `ray start` on this machine), else starts one.
+
+    Returns:
+        "cluster" or "local", for the start-up line.
+    """
+    if ray.is_initialized():
+        return "cluster"
+    env = {"env_vars": {k: os.environ.get(k, v) for k, v in CPU_ACTOR_ENV.items()}}
+    try:
+        ray.init(address="auto", namespace=NAMESPACE, runtime_env=env)
+        return "cluster"
+    except ConnectionError:
+        cpus = max(num_cpus or 0, os.cpu_count() or 1)
+        ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, runtime_env=env)
+        return "local"
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def use_gpu(config: TrainConfig) -> bool:
+    choice = config.resources.use_gpu
+    return cluster_gpus() > 0 if choice == "auto" else bool(choice)
+
+
+def cpus_needed(config: TrainConfig) -> int:
+    """Logical CPUs a local cluster must advertise for every actor to be placed."""
+    res = config.resources
+    return int(config.actors.num * res.actor_cpus + config.learner.num * res.learner_cpus + 0.999)
+
+
+def learner_placement(config: TrainConfig, gpu: bool) -> PlacementGroup:
+    bundle = {"CPU": config.resources.learner_cpus, **({"GPU": 1} if gpu else {})}
+    pg = placement_group([bundle] * config.learner.num, strategy="PACK", name="learners")
+    ray.get(pg.ready())
+    return pg
+
+
+@dataclass
+class RolloutFleet:
+    """The rollout actors: handles, names, and the restarts Ray did for them.
+
+    Ray restarts a dead actor (max_restarts=-1) in the same bundle; its in-flight round fails with an actor error
+    (the groups it had not pushed are lost), and the restarted process starts from the initial weights, so the
+    driver must hand it the current ones (`mark_dead` then `needs_weights`).
+    """
+
+    actors: list[Any]
+    names: list[str]
+    restarts: int = 0
+    lost_groups: int = 0
+    stale_engines: set[int] = field(default_factory=set)  # indices whose engine has not got the current weights
+
+    def mark_dead(self, index: int, groups_in_flight: int) -> None:
+        self.restarts += 1
+        self.lost_groups += groups_in_flight
+        self.stale_engines.add(index)
+
+
+def start_rollouts(config: TrainConfig, model: ModelSource, buffer: Any, gpu: bool) -> RolloutFleet:
+    """Places actors.num rollout actors, each with its own game pool and vLLM engine (actors.tp GPUs)."""
+    n, tp = config.actors.num, config.actors.tp
+    bundle = {"CPU": config.resources.actor_cpus, **({"GPU": tp} if gpu else {})}
+    pg = placement_group([bundle] * n, strategy="SPREAD", name="rollouts")
+    ray.get(pg.ready())
+    remote_cls = ray.remote(RolloutActor)
+    actors = []
+    for i in range(n):
+        actors.append(
+            remote_cls.options(
+                name=f"rollout-{i}",
+                num_cpus=config.resources.actor_cpus,
+                # The actor holds all of its engine's GPUs; with TP > 1 vLLM's multiprocessing executor starts one
+                # worker per GPU inside this reservation (CUDA_VISIBLE_DEVICES is set by Ray).
+                num_gpus=tp if gpu else 0,
+                max_restarts=-1,
+                max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+            ).remote(config.actors, config.pool, model, actor_id=i, buffer=buffer)
+        )
+    return RolloutFleet(actors=actors, names=[f"rollout-{i}" for i in range(n)])
+
+
+def start_buffer(config: TrainConfig) -> Any:
+    """The replay buffer as an async Ray actor (its blocked puts wait without blocking gets)."""
+    return ray.remote(ReplayBuffer).options(name="replay-buffer", num_cpus=0).remote(config.buffer)

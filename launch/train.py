@@ -1,0 +1,133 @@
+"""Trains a vision-language model on VLM-Gym games with GRPO, across a Ray cluster.
+
+    python launch/train.py game=tetris                      # local Ray (or the running cluster), model=auto
+    ray job submit --working-dir . -- python launch/train.py game=2048 actors.num=8 trainer.mode=async
+
+Reads top to bottom: configure, connect, place the actors, then loop (generate -> train -> broadcast weights ->
+log -> checkpoint). The pieces it drives:
+
+    actors.RolloutActor x actors.num   game pool + vLLM engine: states -> G responses -> scored TrajectoryGroups
+    replay.ReplayBuffer                  holds references to the groups; back-pressure and staleness bounds
+    learner.LearnerGroup                 DeepSpeed ZeRO-3 ranks: GRPO update, weight broadcast, checkpoints
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ray
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from actors.models import resolve_model
+from launch import cluster
+from launch.config import TrainConfig, compose, resolve
+from launch.monitor import Monitor, reduce_rounds
+from launch.rollouts import RolloutDriver
+from learner import LearnerGroup, checkpoint
+
+logger = logging.getLogger("train")
+
+
+def load_config(overrides: list[str]) -> tuple[TrainConfig, bool]:
+    """Composes and checks the config. `model=auto` is decided later (it needs the cluster), so it is checked here
+    as model=tiny; returns whether it was auto."""
+    auto = not any(o.startswith("model=") for o in overrides) or "model=auto" in overrides
+    concrete = [o for o in overrides if o != "model=auto"] + (["model=tiny"] if auto else [])
+    return resolve(compose(concrete)), auto
+
+
+def choose_model(overrides: list[str], config: TrainConfig, auto: bool) -> TrainConfig:
+    """model=auto: the tiny local model on a cluster without GPUs (said in one line), Qwen2.5-VL-3B with them."""
+    if not auto:
+        return config
+    if cluster.cluster_gpus() == 0:
+        print("model=auto: no GPU in the Ray cluster, training the tiny local Qwen2.5-VL (model=tiny)")
+        return config
+    print(f"model=auto: {cluster.cluster_gpus()} GPUs in the Ray cluster, training Qwen2.5-VL-3B (model=qwen2_5_vl_3b)")
+    return resolve(compose([o for o in overrides if o != "model=auto"] + ["model=qwen2_5_vl_3b"]))
+
+
+def main(overrides: list[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, auto = load_config(overrides)  # a bad key stops here, before Ray or any actor starts
+    except (ValueError, HydraException, OmegaConfBaseException) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    where = cluster.connect(num_cpus=cluster.cpus_needed(config))
+    config = choose_model(overrides, config, auto)
+    gpu = cluster.use_gpu(config)
+    model = resolve_model(config.model.name, config.model.path)
+    config = dataclasses.replace(config, learner=dataclasses.replace(config.learner, model_dir=model.path))
+    out = Path(config.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"output dir: {out}  (tensorboard --logdir {out / 'tensorboard'})  ray: {where}  model: {model.name}")
+
+    # ---- place the actors: buffer, learner group (one DeepSpeed world), rollout actors (one vLLM engine each)
+    buffer = cluster.start_buffer(config)
+    learners = LearnerGroup(
+        config.learner,
+        config.grpo,
+        config.weight_sync,
+        placement_group=cluster.learner_placement(config, gpu),
+        num_cpus=config.resources.learner_cpus,
+        use_gpu=gpu,
+    )
+    fleet = cluster.start_rollouts(config, model, buffer, gpu)
+
+    # ---- resume: weights, optimizer, step and version from the latest checkpoint of this output dir
+    step, version = 0, 0
+    ckpt_root = out / config.checkpoint.dir
+    if config.trainer.resume and (latest := checkpoint.latest(ckpt_root)) is not None:
+        state = learners.load_checkpoint(str(latest))
+        step, version = state["step"], state["version"]
+        ray.get(buffer.set_policy_version.remote(version))
+        print(f"resumed from {latest}: step {step}, policy version {version}")
+    learners.init_weight_sync(fleet.actors, workers_per_engine=config.actors.tp)
+    rollouts = RolloutDriver(config, fleet, buffer, learners)
+    rollouts.sync_weights(version)  # engines start from the learner's weights (the checkpoint's after a resume)
+
+    monitor = Monitor(out, config.to_dict(), config.trainer.total_steps, start_step=step)
+    try:
+        while step < config.trainer.total_steps:
+            t0 = time.perf_counter()
+            # 1. generate: rounds until the buffer holds a batch (sync), or keep every actor busy (async)
+            items, round_metrics = rollouts.collect(version)
+            # 2. train: one GRPO update on B groups, sharded over the learner ranks
+            metrics = learners.update(items)
+            step += 1
+            # 3. broadcast the new weights to every engine (ZeRO-3 gather, bucketed broadcast)
+            if step % config.weight_sync.every_steps == 0 or step == config.trainer.total_steps:
+                version = step
+                metrics["perf/weight_sync_s"] = rollouts.sync_weights(version).total_s
+                ray.get(buffer.set_policy_version.remote(version))
+            # 4. log
+            stats = ray.get(buffer.stats.remote())
+            metrics.update(reduce_rounds(round_metrics))
+            metrics.update(rollouts.counters())
+            metrics["buffer/size"] = stats.size
+            metrics["buffer/staleness"] = stats.last_batch_staleness_mean
+            metrics["buffer/dropped"] = stats.dropped
+            metrics["perf/step_s"] = time.perf_counter() - t0
+            monitor.log_step(step, metrics)
+            if config.trainer.image_every and step % config.trainer.image_every == 0 and items:
+                monitor.log_sample(step, ray.get(items[0].ref))
+            # 5. checkpoint (atomic: a killed run resumes from the last complete one)
+            if config.checkpoint.due(step) or step == config.trainer.total_steps:
+                learners.save_checkpoint(str(ckpt_root), config.to_dict(), config.checkpoint.keep_last)
+    finally:
+        monitor.close()
+        rollouts.stop()
+    print(f"done: {step} steps, policy version {version}; logs in {monitor.log_dir}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,104 @@
+"""Helpers of the end-to-end tests: real Ray clusters of `ray start` nodes, and reading a run's TensorBoard files.
+
+Every daemon of a cluster runs in process groups started here, and only those groups are stopped at the end
+(`ray stop` would stop every Ray on the machine). Nodes of one machine each get their own ports, as they would on
+their own machines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _node_ports() -> list[str]:
+    names = (
+        "--node-manager-port",
+        "--object-manager-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+    )
+    return [arg for name, port in zip(names, free_ports(len(names)), strict=True) for arg in (name, str(port))]
+
+
+@dataclass
+class RayCluster:
+    """A cluster of `ray start` nodes on this machine."""
+
+    temp_dir: Path
+    address: str
+    dashboard: str
+    groups: list[int] = field(default_factory=list)  # process group of each node's daemons
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment of a driver or `ray job submit` talking to this cluster (token auth, as on real clusters)."""
+        return {
+            **os.environ,
+            "RAY_ADDRESS": self.address,
+            "RAY_API_SERVER_ADDRESS": self.dashboard,
+            "RAY_AUTH_MODE": "token",
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        }
+
+    def start_node(self, *args: str) -> None:
+        proc = subprocess.run(
+            [RAY, "start", "--temp-dir", str(self.temp_dir), "--disable-usage-stats", *_node_ports(), *args],
+            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            start_new_session=True,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        # `ray start` exits once its daemons run; they stay in the session (and group) it was started in.
+        pgid = _group_of(self.temp_dir, exclude=set(self.groups))
+        self.groups.append(pgid)
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pgid in self.groups:
+                try:
+                    os.killpg(pgid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(3)
+
+
+def _group_of(temp_dir: Path, exclude: set[int]) -> int:
+    """The process group of the newest daemons whose command line names `temp_dir`."""
+    out = subprocess.run(["ps", "-eo", "pgid,args"], capture_output=True, text=True).stdout
+    groups = {int(line.split()[0]) for line in out.splitlines()[1:] if str(temp_dir) in line}
+    new = groups - exclude
+    assert len(new) == 1, f"expected one new process group for {temp_dir}, got {new}"
+    return new.pop()
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a run's event files: tag -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}

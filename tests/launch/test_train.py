@@ -1,0 +1,154 @@
+"""End to end: launch/train.py as users run it, on real Ray clusters (`ray start`), the tiny model, real games.
+
+- config errors stop the run at start-up, naming the key and the allowed values, before Ray starts;
+- `ray job submit` of a 2-node cluster (two `ray start` on this machine): the job succeeds, one rollout actor ran
+  on each node, and TensorBoard holds every tag of design.md with one value per step;
+- a rollout actor killed mid-run is restarted and the run finishes its steps, with the loss counted;
+- a run resumed from its checkpoint continues at the same step and version with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from runs import REPO, tensorboard_scalars
+
+from launch.train import load_config
+from learner import checkpoint
+
+TRAIN = str(REPO / "launch" / "train.py")
+# A small run of the tiny model: 4 groups x G=4 per step, short responses.
+SMALL = [
+    "game=tetris",
+    "model=tiny",
+    "trainer.groups_per_step=4",
+    "actors.states_per_round=4",
+    "actors.group_size=4",
+    "actors.max_new_tokens=16",
+    "checkpoint.every_steps=2",
+    "trainer.image_every=1",
+]
+DESIGN_TAGS = [
+    "reward/total",
+    "reward/game",
+    "reward/format",
+    "reward/perception",
+    "loss/policy",
+    "loss/kl",
+    "policy/entropy",
+    "policy/clip_fraction",
+    "optim/grad_norm",
+    "optim/lr",
+    "perf/step_s",
+    "perf/gen_tokens_per_s",
+    "perf/env_steps_per_s",
+    "perf/weight_sync_s",
+    "buffer/size",
+    "buffer/staleness",
+    "policy/logprob_diff",
+]
+
+
+def run_train(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, TRAIN, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        (["actors.group_size=0"], ["actors", "group_size", "integer >= 1"]),
+        (["trainer.mode=sometimes"], ["trainer.mode", "sync, async"]),
+        (["+trainer.epochs=3"], ["trainer.epochs", "allowed keys", "total_steps"]),
+        (["+game.tetris.difficulty.rows=2"], ["rows", "[6, 40]"]),
+        (["game=2048", "+game.2048.difficulty.icon_style=ascii"], ["icon_style", "'glyph', 'texture', 'photo'"]),
+        (["learner.num=2", "trainer.groups_per_step=3"], ["trainer.groups_per_step", "learner.num"]),
+        (["buffer.capacity=8"], ["buffer.capacity", "trainer.groups_per_step"]),
+    ],
+)
+def test_bad_config_names_the_key_and_the_allowed_values(overrides, names):
+    with pytest.raises(ValueError) as error:
+        load_config(overrides)
+    for name in names:
+        assert name in str(error.value)
+
+
+def test_bad_config_stops_the_command_before_ray_starts():
+    proc = run_train(["game=chess"], timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "config error" in proc.stderr and "Available options in 'game'" in proc.stderr and "tetris" in proc.stderr
+    assert "Traceback" not in proc.stderr and "output dir" not in proc.stdout  # stopped before starting anything
+
+
+def test_ray_job_submit_on_two_nodes_logs_every_tag_each_step(ray_cluster, tmp_path):
+    cluster = ray_cluster(num_cpus=3, extra_nodes=1)
+    out = tmp_path / "run"
+    steps = 3
+    submit = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", str(REPO), "--",
+         "python", "launch/train.py", *SMALL, "actors.num=2", f"trainer.total_steps={steps}", f"output_dir={out}"],
+        env=cluster.env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert submit.returncode == 0 and "succeeded" in submit.stdout + submit.stderr, submit.stdout[-4000:]
+
+    # One rollout actor on each node (the state API remembers where the run's actors lived).
+    query = (
+        "import json, ray; from ray.util.state import list_actors; ray.init();"
+        "print(json.dumps([a.node_id for a in list_actors(filters=[('class_name', '=', 'RolloutActor')])]))"
+    )
+    nodes = subprocess.run([sys.executable, "-c", query], env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert len(set(json.loads(nodes.stdout.strip().splitlines()[-1]))) == 2, nodes.stdout + nodes.stderr
+
+    scalars = tensorboard_scalars(out / "tensorboard")
+    for tag in DESIGN_TAGS:
+        assert [step for step, _ in scalars[tag]] == list(range(1, steps + 1)), tag
+    assert all(-10 < value < 100 for _, value in scalars["reward/total"])
+
+
+def test_killed_rollout_actor_is_restarted_and_the_run_finishes(ray_cluster, tmp_path):
+    cluster = ray_cluster(num_cpus=4)
+    out = tmp_path / "run"
+    steps = 6
+    driver = subprocess.Popen(
+        [sys.executable, TRAIN, *SMALL, "actors.num=2", f"trainer.total_steps={steps}", f"output_dir={out}"],
+        cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    log = []
+    for line in driver.stdout:  # wait until the run is training, then kill an actor's process
+        log.append(line)
+        if "step     2" in line:
+            break
+    kill = "import ray; ray.init(namespace='vlm-gym-rl');ray.kill(ray.get_actor('rollout-1'), no_restart=False)"
+    subprocess.run([sys.executable, "-c", kill], env=cluster.env, check=True, timeout=120)
+    log.extend(driver.stdout)
+    assert driver.wait(timeout=600) == 0, "".join(log)[-4000:]
+
+    scalars = tensorboard_scalars(out / "tensorboard")
+    assert [step for step, _ in scalars["reward/total"]] == list(range(1, steps + 1))
+    assert scalars["faults/actor_restarts"][-1][1] >= 1
+    assert scalars["faults/lost_groups"][-1][1] >= 0  # counted (0 when it died between rounds, idle)
+    assert "was restarted" in "".join(log)
+
+
+def test_resume_continues_from_the_checkpoint_with_the_same_weights(ray_cluster, tmp_path):
+    from safetensors.torch import load_file
+
+    cluster = ray_cluster(num_cpus=3)
+    out = tmp_path / "run"
+    first = run_train([*SMALL, "trainer.total_steps=2", f"output_dir={out}"], env=cluster.env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    saved = load_file(checkpoint.path_for(out / "checkpoints", 2) / "hf" / "model.safetensors")
+
+    resumed = run_train([*SMALL, "trainer.total_steps=4", "trainer.resume=true", f"output_dir={out}"], env=cluster.env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step 2, policy version 2" in resumed.stdout
+    scalars = tensorboard_scalars(out / "tensorboard")
+    assert sorted({step for step, _ in scalars["reward/total"]}) == [1, 2, 3, 4]
+    final = load_file(checkpoint.path_for(out / "checkpoints", 4) / "hf" / "model.safetensors")
+    assert final.keys() == saved.keys()
+    assert any(not (final[k] == saved[k]).all() for k in saved)  # it trained on from the checkpoint
