@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from envs.base import Game, Knob, StepResult, int_in
-from envs.render import COLOURS, PERCEPTION_KNOBS, BoardRenderer, Style, Tile, photo_class_count
+from envs.render import COLOURS, PERCEPTION_KNOBS, Style, Tile, cached_renderer, photo_class_count
 
 ACTIONS = ("up", "right", "down", "left")  # index = action id, as in G1 and gymnasium-2048
 EMPTY = "-"
@@ -83,7 +83,7 @@ class Game2048(Game):
     @classmethod
     def check_combination(cls, values: dict[str, Any]) -> dict[str, Any]:
         # Fails now, at construction, when 'photo' has no photo_dir or the image is too small for the board.
-        _renderer(values["rows"], values["cols"], Style.from_difficulty(values))
+        cached_renderer(values["rows"], values["cols"], Style.from_difficulty(values), "2048")
         return values
 
     def reset(self) -> None:
@@ -157,7 +157,7 @@ class Game2048(Game):
 
     def render_array(self) -> np.ndarray:
         """(H, W, 3) uint8 frame; the fast path (no PIL image)."""
-        renderer = _renderer(len(self.board), len(self.board[0]), self._style)
+        renderer = cached_renderer(len(self.board), len(self.board[0]), self._style, "2048")
         photo_dir = self.difficulty["photo_dir"]
         cells = [[_tile(v, photo_dir) if v else None for v in row] for row in self.board]
         return renderer.draw_array(cells, caption=f"Score: {int(self.score)}", noise_seed=self.seed + self.steps)
@@ -189,9 +189,3 @@ def _tile(value: int, photo_dir: str | None) -> Tile:
     level = value.bit_length() - 2  # 2 -> 0, 4 -> 1, ...
     photo = level % photo_class_count(photo_dir) if photo_dir else None
     return Tile(colour=level % len(COLOURS), text=str(value), photo_class=photo)
-
-
-@functools.lru_cache(maxsize=64)
-def _renderer(rows: int, cols: int, style: Style) -> BoardRenderer:
-    """One renderer per (board size, style), shared by games: building one draws the background."""
-    return BoardRenderer(rows, cols, style, title="2048")

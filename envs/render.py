@@ -451,3 +451,8 @@ class BoardRenderer:
         dy, dx = np.random.default_rng(noise_seed).integers(0, NOISE_PAD, size=2)
         noisy = frame.astype(np.int16) + self._noise[dy : dy + h, dx : dx + w]
         return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+# One renderer per (board size, style, title, panels), shared by every game of that kind: building one draws the
+# background and its labels, which costs far more than a board.
+cached_renderer = functools.lru_cache(maxsize=64)(BoardRenderer)

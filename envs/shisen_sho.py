@@ -24,7 +24,16 @@ from typing import Any, ClassVar
 import numpy as np
 
 from envs.base import Game, Knob, StepResult, int_in
-from envs.render import COLOURS, PERCEPTION_KNOBS, SHAPES, BoardRenderer, Style, Tile, photo_class_count
+from envs.render import (
+    COLOURS,
+    PERCEPTION_KNOBS,
+    SHAPES,
+    BoardRenderer,
+    Style,
+    Tile,
+    cached_renderer,
+    photo_class_count,
+)
 
 EMPTY = -1  # board value of an empty cell
 EMPTY_TEXT = "-"
@@ -264,9 +273,6 @@ def _type_views(
     return (*tiles, None), (*words, EMPTY_TEXT)
 
 
-_renderer = functools.lru_cache(maxsize=32)(BoardRenderer)  # building one draws the background: games share it
-
-
 class ShisenSho(Game):
     """Shisen-Sho; an action is a `Pair` of cells; see the module docstring."""
 
@@ -309,7 +315,7 @@ class ShisenSho(Game):
 
     @staticmethod
     def _make_renderer(difficulty: dict[str, Any]) -> BoardRenderer:
-        return _renderer(difficulty["rows"], difficulty["cols"], Style.from_difficulty(difficulty), "Shisen-Sho")
+        return cached_renderer(difficulty["rows"], difficulty["cols"], Style.from_difficulty(difficulty), "Shisen-Sho")
 
     # ---- state -------------------------------------------------------------------------------------------------------
     def reset(self) -> None:

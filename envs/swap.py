@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from envs.base import Game, Knob, StepResult, int_in
-from envs.render import COLOURS, PERCEPTION_KNOBS, SHAPES, BoardRenderer, Style, Tile, photo_class_count
+from envs.render import COLOURS, PERCEPTION_KNOBS, SHAPES, Style, Tile, cached_renderer, photo_class_count
 
 Cell = tuple[int, int]
 Action = tuple[Cell, Cell]  # ((r1, c1), (r2, c2)) with (r1, c1) < (r2, c2)
@@ -85,7 +85,9 @@ class Swap(Game):
                 f"ready-made lines needs 3); got {values['n_colours']} x {values['n_shapes']}"
             )
         style = Style.from_difficulty(values)  # 'photo' needs a photo_dir
-        _renderer(values["rows"], values["cols"], style)  # fails now if the image is too small for the board
+        cached_renderer(
+            values["rows"], values["cols"], style, "Swap"
+        )  # fails now if the image is too small for the board
         n_types = values["n_colours"] * values["n_shapes"]
         if style.icon_style == "photo" and photo_class_count(style.photo_dir) < n_types:
             raise ValueError(
@@ -216,7 +218,7 @@ class Swap(Game):
         rows, cols = self.board.shape
         tiles = _tiles(self.difficulty["n_colours"], self.difficulty["n_shapes"], self.difficulty["photo_dir"])
         cells = [[tiles[t] for t in row] for row in self.board.tolist()]
-        renderer = _renderer(rows, cols, self._style)
+        renderer = cached_renderer(rows, cols, self._style, "Swap")
         return renderer.draw_array(cells, caption=f"Score: {int(self.score)}", noise_seed=self.seed + self.steps)
 
     @property
@@ -251,9 +253,3 @@ def _tiles(n_colours: int, n_shapes: int, photo_dir: str | None) -> tuple[Tile, 
         Tile(colour=t // n_shapes, shape=t % n_shapes, photo_class=t if n_photo > t else None)
         for t in range(n_colours * n_shapes)
     )
-
-
-@functools.lru_cache(maxsize=64)
-def _renderer(rows: int, cols: int, style: Style) -> BoardRenderer:
-    """One renderer per (board size, style), shared by games: building one draws the background."""
-    return BoardRenderer(rows, cols, style, title="Swap")

@@ -39,7 +39,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 
 from envs.base import Game, Knob, StepResult, int_in
-from envs.render import COLOURS, PERCEPTION_KNOBS, BoardRenderer, Style, Tile, photo_class_count
+from envs.render import COLOURS, PERCEPTION_KNOBS, BoardRenderer, Style, Tile, cached_renderer, photo_class_count
 
 PIECES = "IOTSZJL"
 # Spawn orientation (rotation 0) of each piece in its rotation box (SRS): (box size, (row, col) cells).
@@ -163,9 +163,6 @@ def _tiles(n_colours: int, photo_classes: int) -> tuple[Tile | None, ...]:
     return (None, *tiles)
 
 
-_renderer = functools.lru_cache(maxsize=32)(BoardRenderer)  # building one draws the background: games share it
-
-
 class Tetris(Game):
     """Tetris where one action places the current piece: `Placement(rotation, column)`; see the module docstring."""
 
@@ -189,7 +186,7 @@ class Tetris(Game):
     def _make_renderer(difficulty: dict[str, Any]) -> BoardRenderer:
         panels = [("Current", 2, 4)] + ([("Next", 3 * difficulty["preview"] - 1, 4)] if difficulty["preview"] else [])
         style = Style.from_difficulty(difficulty)
-        return _renderer(difficulty["rows"], difficulty["cols"], style, "Tetris", tuple(panels))
+        return cached_renderer(difficulty["rows"], difficulty["cols"], style, "Tetris", tuple(panels))
 
     # ---- state -------------------------------------------------------------------------------------------------------
     def reset(self) -> None:
