@@ -149,18 +149,21 @@ def cluster_has_gpu() -> bool:
 
 
 def _from_hub(name: str) -> str:
-    """A hub model's local snapshot when the hub is offline (HF_HUB_OFFLINE=1), else its hub id for vLLM to fetch."""
-    repo = HUB_NAMES[name]
-    if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False"):
-        return repo
+    """A hub model's local snapshot directory: downloaded when the hub is reachable, else from the local cache.
+
+    Learners, engines and checkpoints all read the same directory, so on a cluster of several nodes it must exist at
+    the same path on each of them (a shared Hugging Face cache, or `model.path` on shared storage).
+    """
     from huggingface_hub import snapshot_download
 
+    repo = HUB_NAMES[name]
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
-        return snapshot_download(repo, local_files_only=True)
+        return snapshot_download(repo, local_files_only=offline)
     except Exception as e:
+        where = "the local Hugging Face cache (the hub is offline: HF_HUB_OFFLINE=1)" if offline else "the hub"
         raise FileNotFoundError(
-            f"model={name}: {repo} is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1); "
-            "set model.path to a local copy of it"
+            f"model={name}: {repo} could not be had from {where}; set model.path to a local copy"
         ) from e
 
 

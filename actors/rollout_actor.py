@@ -16,6 +16,7 @@ import ctypes
 import logging
 import os
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,7 @@ class RoundStats:
     """What one round did and how fast (one actor). `to_metrics` gives the TensorBoard tags of design.md."""
 
     policy_version: int  # weights that generated the round
+    incarnation: str  # the actor process that made it (a restart makes a new one)
     num_groups: int  # trajectory groups produced (states that made it through)
     num_skipped: int  # states skipped because their game raised
     num_responses: int  # num_groups x G
@@ -135,6 +137,9 @@ class RolloutActor:
         _retain_freed_memory()
         self.config = config
         self.name = f"rollout-{actor_id}"
+        # Changes when Ray restarts this actor: the driver tells a restarted actor (initial weights, not in the
+        # weight-sync group) from the one it placed, whatever its weights' version says.
+        self.incarnation = uuid.uuid4().hex
         self.pool = GamePool.from_config(replace(pool, seed=pool.seed + actor_id))
         self.engine = VLLMEngine(model, config, seed=config.seed + actor_id)
         self.buffer = buffer
@@ -172,13 +177,13 @@ class RolloutActor:
         """The version of the weights in the engine (what the next round's groups will be stamped with)."""
         return self.engine.policy_version
 
-    # ---- one round --------------------------------------------------------------------------------------------------
-    def run_round(self, policy_version: int | None = None) -> RoundResult:
-        """Samples states, generates G responses per state in one call, scores them and publishes the groups.
+    def get_incarnation(self) -> str:
+        """An id of this actor process, new after every restart."""
+        return self.incarnation
 
-        Args:
-            policy_version: the version of the weights now in the engine, when they arrived other than through
-                `load_weights` (e.g. a broadcast received by the worker extension); None keeps the recorded one.
+    # ---- one round --------------------------------------------------------------------------------------------------
+    def run_round(self) -> RoundResult:
+        """Samples states, generates G responses per state in one call, scores them and publishes the groups.
 
         Returns:
             RoundResult: the stats, and the groups when the actor has no buffer.
@@ -186,8 +191,6 @@ class RolloutActor:
         Raises:
             RuntimeError: when every state of the round failed (a broken game config, not a one-off error).
         """
-        if policy_version is not None:
-            self.engine.policy_version = policy_version
         version = self.engine.policy_version
         cfg = self.config
         start = time.perf_counter()
@@ -308,6 +311,7 @@ class RolloutActor:
             by_game[group.game].append(group)
         return RoundStats(
             policy_version=version,
+            incarnation=self.incarnation,
             num_groups=len(groups),
             num_skipped=skipped,
             num_responses=len(completions),

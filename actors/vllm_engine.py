@@ -70,6 +70,10 @@ class VLLMEngine:
                 kwargs.update(distributed_executor_backend="uni")
         else:
             kwargs.update(gpu_memory_utilization=config.gpu_memory_utilization)
+            if config.tp > 1:
+                # The rollout actor already holds its engine's tp GPUs; vLLM's default inside a placement group would
+                # be its Ray executor, whose workers would ask Ray for GPUs of their own and wait forever.
+                kwargs.update(distributed_executor_backend="mp")
         self.llm = vllm.LLM(**kwargs)
         self._sampling_params = vllm.SamplingParams
         self.tokenizer = self.llm.get_tokenizer()

@@ -65,10 +65,13 @@ class WeightSyncExtension:
                 yield from unpack_bucket(bucket, flat)
 
         weights = stream()
-        self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
-        # Every bucket must be received even if the loader stopped early, or the sender's broadcast never completes.
-        for _ in weights:
-            pass
+        try:
+            self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        finally:
+            # Every bucket must be received even if the loader stopped early or failed, or the sender's broadcast
+            # never completes; a failure is raised once the stream is drained.
+            for _ in weights:
+                pass
         return time.perf_counter() - start
 
     def weight_checksums(self) -> dict[str, str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -29,11 +29,10 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "vlm-gym-rl"  # actors are named (rollout-<i>, replay-buffer) in this namespace: `ray.get_actor(name)`
 # Environment of every actor: vLLM in one process per actor (the fast mode on few cores, see
-# ../shared/docs/cpu-stack.md), no hub. OMP_NUM_THREADS is left to Ray, which sets it to each actor's num_cpus.
+# ../shared/docs/cpu-stack.md). OMP_NUM_THREADS is left to Ray, which sets it to each actor's num_cpus.
 CPU_ACTOR_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_CPU_KVCACHE_SPACE": "1",
-    "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
 
@@ -46,7 +45,10 @@ def connect(num_cpus: int | None = None) -> str:
     """
     if ray.is_initialized():
         return "cluster"
-    env = {"env_vars": {k: os.environ.get(k, v) for k, v in CPU_ACTOR_ENV.items()}}
+    env_vars = {k: os.environ.get(k, v) for k, v in CPU_ACTOR_ENV.items()}
+    if "HF_HUB_OFFLINE" in os.environ:  # the actors load models as the driver does
+        env_vars["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
+    env = {"env_vars": env_vars}
     try:
         ray.init(address="auto", namespace=NAMESPACE, runtime_env=env)
         return "cluster"
@@ -78,25 +80,15 @@ def learner_placement(config: TrainConfig, gpu: bool) -> PlacementGroup:
     return pg
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutFleet:
-    """The rollout actors: handles, names, and the restarts Ray did for them.
+    """The rollout actors and their names (`rollout-<i>`, also their Ray actor names in NAMESPACE).
 
-    Ray restarts a dead actor (max_restarts=-1) in the same bundle; its in-flight round fails with an actor error
-    (the groups it had not pushed are lost), and the restarted process starts from the initial weights, so the
-    driver must hand it the current ones (`mark_dead` then `needs_weights`).
+    Each is created with max_restarts=-1: Ray restarts a dead one in the same bundle, and launch/rollouts.py heals it.
     """
 
     actors: list[Any]
     names: list[str]
-    restarts: int = 0
-    lost_groups: int = 0
-    stale_engines: set[int] = field(default_factory=set)  # indices whose engine has not got the current weights
-
-    def mark_dead(self, index: int, groups_in_flight: int) -> None:
-        self.restarts += 1
-        self.lost_groups += groups_in_flight
-        self.stale_engines.add(index)
 
 
 def start_rollouts(config: TrainConfig, model: ModelSource, buffer: Any, gpu: bool) -> RolloutFleet:
@@ -112,8 +104,8 @@ def start_rollouts(config: TrainConfig, model: ModelSource, buffer: Any, gpu: bo
             remote_cls.options(
                 name=f"rollout-{i}",
                 num_cpus=config.resources.actor_cpus,
-                # The actor holds all of its engine's GPUs; with TP > 1 vLLM's multiprocessing executor starts one
-                # worker per GPU inside this reservation (CUDA_VISIBLE_DEVICES is set by Ray).
+                # The actor holds all of its engine's GPUs; with TP > 1 the engine uses vLLM's multiprocessing
+                # executor, one worker per GPU inside this reservation (CUDA_VISIBLE_DEVICES is set by Ray).
                 num_gpus=tp if gpu else 0,
                 max_restarts=-1,
                 max_task_retries=0,

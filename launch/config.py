@@ -40,6 +40,8 @@ class TrainerConfig:
         resume: restart from the latest checkpoint under `output_dir` (same step, version and weights).
         image_every: log a sample board with the model's response to TensorBoard every this many steps (0: never).
         round_timeout_s: how long the driver waits for a batch before it reports the actors as stuck.
+        max_minutes: wall-clock budget of the run (null: none); the run ends after the step that passes it, with a
+            checkpoint, as if total_steps were reached.
     """
 
     mode: str = "sync"
@@ -48,6 +50,7 @@ class TrainerConfig:
     resume: bool = False
     image_every: int = 10
     round_timeout_s: float = 900.0
+    max_minutes: float | None = None
 
     def validate(self) -> TrainerConfig:
         _require(self.mode in TRAINER_MODES, "trainer.mode", f"one of {', '.join(TRAINER_MODES)}", self.mode)
@@ -71,6 +74,12 @@ class TrainerConfig:
             self.image_every,
         )
         _require(self.round_timeout_s > 0, "trainer.round_timeout_s", "a number > 0", self.round_timeout_s)
+        _require(
+            self.max_minutes is None or self.max_minutes > 0,
+            "trainer.max_minutes",
+            "null or a number > 0",
+            self.max_minutes,
+        )
         return self
 
 
@@ -208,9 +217,17 @@ def resolve(cfg: DictConfig | Mapping[str, Any]) -> TrainConfig:
     _require(_is_int(seed) and seed >= 0, "seed", "an integer >= 0", seed)
     games = _games(raw.get("game") or {}, raw.get("reward") or {})
     pool = _build(PoolConfig, {"seed": seed, **(raw.get("pool") or {})}, "pool", games=games)
+    trainer = _build(TrainerConfig, raw.get("trainer"), "trainer")
     actors = _build(RolloutConfig, {"seed": seed, **(raw.get("actors") or {})}, "actors")
     learner = _build(
-        LearnerConfig, {"seed": seed, "model_dir": "<resolved at start>", **(raw.get("learner") or {})}, "learner"
+        LearnerConfig,
+        {
+            "seed": seed,
+            "max_response_len": actors.max_new_tokens,
+            **(raw.get("learner") or {}),
+            "model_dir": "<resolved at start>",
+        },
+        "learner",
     )
     default_dir = f"runs/{'-'.join(spec.name for spec in games)}-{time.strftime('%Y%m%d-%H%M%S')}"
     config = TrainConfig(
@@ -223,12 +240,20 @@ def resolve(cfg: DictConfig | Mapping[str, Any]) -> TrainConfig:
         grpo=_build(GRPOConfig, raw.get("grpo"), "grpo"),
         weight_sync=_build(WeightSyncConfig, raw.get("weight_sync"), "weight_sync"),
         checkpoint=_build(CheckpointConfig, raw.get("checkpoint"), "checkpoint"),
-        buffer=_build(BufferConfig, raw.get("buffer"), "buffer"),
-        trainer=_build(TrainerConfig, raw.get("trainer"), "trainer"),
+        buffer=_build(BufferConfig, _buffer_section(raw, actors, trainer.groups_per_step), "buffer"),
+        trainer=trainer,
         resources=_build(ResourcesConfig, raw.get("resources"), "resources"),
     )
     _check_across(config)
     return config
+
+
+def _buffer_section(raw: dict[str, Any], actors: RolloutConfig, batch: int) -> dict[str, Any]:
+    """The buffer section, with `capacity: null` (the default) sized for a batch plus one round of every actor."""
+    section = dict(raw.get("buffer") or {})
+    if section.get("capacity") is None:
+        section["capacity"] = batch + actors.num * actors.states_per_round
+    return section
 
 
 def _check_across(config: TrainConfig) -> None:
@@ -240,15 +265,35 @@ def _check_across(config: TrainConfig) -> None:
         f"a multiple of learner.num ({learners}), so every learner rank trains on as many groups",
         batch,
     )
-    # Every actor may finish a round while the learner holds a batch; the buffer must have room for all of them, or an
-    # actor blocked on a full buffer could never reach the weight sync the learner is waiting in.
-    in_flight = config.actors.num * config.actors.states_per_round
-    need = batch + 2 * in_flight
+    samples_per_rank = batch // learners * config.actors.group_size
+    _require(
+        config.grpo.num_minibatches <= samples_per_rank,
+        "grpo.num_minibatches",
+        f"at most the responses per learner rank per step ({samples_per_rank})",
+        config.grpo.num_minibatches,
+    )
+    # Sync mode launches a round on every actor while the buffer holds less than a batch: room for all of them.
+    per_round = config.actors.num * config.actors.states_per_round
+    need = batch - 1 + per_round if config.trainer.mode == "sync" else batch + config.actors.states_per_round
     _require(
         config.buffer.capacity >= need,
         "buffer.capacity",
-        f">= trainer.groups_per_step + 2 x actors.num x actors.states_per_round = {need}",
+        f">= {need} (trainer.groups_per_step plus the rounds in flight), or null to size it so",
         config.buffer.capacity,
+    )
+    # Versions count learner steps; engines take a new one every weight_sync.every_steps steps.
+    staleness, every = config.buffer.max_staleness, config.weight_sync.every_steps
+    _require(
+        staleness >= every - 1,
+        "buffer.max_staleness",
+        f">= weight_sync.every_steps - 1 = {every - 1} (versions count learner steps)",
+        staleness,
+    )
+    _require(
+        config.trainer.mode == "sync" or staleness >= 1,
+        "buffer.max_staleness",
+        ">= 1 with trainer.mode=async (groups are made while the learner trains)",
+        staleness,
     )
 
 

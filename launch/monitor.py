@@ -63,7 +63,8 @@ class Monitor:
 
     def __init__(self, output_dir: str | Path, config: dict[str, Any], total_steps: int, start_step: int = 0):
         self.log_dir = Path(output_dir) / "tensorboard"
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        # After a resume, events of steps past the checkpoint (written before the run was killed) are dropped.
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=start_step + 1 if start_step else None)
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 

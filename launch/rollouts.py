@@ -1,23 +1,26 @@
-"""The driver's side of generation: keeps the rollout actors working, collects batches, and heals dead actors.
+"""The driver's side of generation: keeps the rollout actors working, collects batches, and heals restarted actors.
 
 Two modes (trainer.mode):
 - sync: every actor runs a round, the driver waits for all of them, repeats until the buffer holds a batch; the
-  learner then trains on groups of the current policy version only (the paper's on-policy loop).
-- async: every actor always has a round in flight; the learner takes a batch as soon as the buffer has one, so
-  generation overlaps training. Groups may be up to buffer.max_staleness versions old.
+  learner then trains on groups of the current policy version (the paper's on-policy loop).
+- async: actors keep generating while the learner trains; the learner takes a batch as soon as the buffer has one,
+  so generation overlaps training. Groups may be up to buffer.max_staleness versions old. A round is started only
+  when the buffer has room for all of its groups, so a producer never blocks on a full buffer while the learner
+  waits for it at a broadcast.
 
-Either way a weight broadcast needs every engine between rounds (`wait_idle`), because all engines take part in it.
+Either way a weight broadcast needs every engine between rounds (`wait_idle`): all engines take part in it.
 
-A rollout actor that dies is restarted by Ray (max_restarts=-1). Its in-flight round is lost and counted, the
-groups it had put in the buffer are dropped (their objects died with their owner), and once it is back it gets the
-current weights from the learner and the weight-sync group is rebuilt with it, before it generates again. A death
-while the actor is idle raises nothing; the restarted actor gives itself away by its weights' version (its engine
-starts from the model's initial weights, version 0), checked on every round it returns and before every broadcast.
+A rollout actor that dies is restarted by Ray (max_restarts=-1). Its in-flight round is lost and counted, the groups
+it had put in the buffer are dropped (their objects died with their owner) and counted, and before it generates
+again the weight-sync group is rebuilt with it, whose first broadcast sends every weight. A restarted actor gives
+itself away by its incarnation (a new id per process), checked on every round it returns and before every
+broadcast, so a death while the actor was idle, which raises nothing, is found too.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import ray
@@ -34,37 +37,44 @@ class RolloutDriver:
 
     Args:
         config: the run's config (trainer.mode, trainer.groups_per_step, actors.states_per_round, ...).
-        fleet: the rollout actors.
+        fleet: the rollout actors, already in the learner group's weight-sync group.
         buffer: the replay buffer actor.
-        learners: the learner group (source of the current weights for restarted actors).
+        learners: the learner group (it broadcasts the weights).
     """
 
     def __init__(self, config: TrainConfig, fleet: RolloutFleet, buffer: Any, learners: Any):
         self.config, self.fleet, self.buffer, self.learners = config, fleet, buffer, learners
         self.in_flight: dict[ray.ObjectRef, int] = {}  # run_round result -> actor index
-        self.engine_version = 0  # the version every engine holds since the last broadcast
         self.finished_metrics: list[dict[str, float]] = []  # rounds harvested since the last batch
-        self.buffer_lost = 0  # groups dropped from the buffer because their actor died
+        self.engine_version = 0  # the version every engine holds since the last broadcast
+        self.incarnations = ray.get([actor.get_incarnation.remote() for actor in fleet.actors])
+        self.restarted: set[int] = set()  # actors restarted since the weight-sync group was built
+        self.restarts = 0
+        self.lost_groups = 0  # groups of interrupted rounds, of dead actors in the buffer, of skipped updates
 
-    # ---- one batch ------------------------------------------------------------------------------------------------
+    # ---- weights --------------------------------------------------------------------------------------------------
     def sync_weights(self, version: int) -> Any:
-        """Broadcasts the learner's weights (as `version`) to every engine; restarted engines are healed first.
+        """Broadcasts the learner's weights (as `version`) to every engine, restarted ones included.
 
         Returns:
             The broadcast's SyncStats.
         """
         self.wait_idle()  # every engine takes part in the broadcast: none may be in a round
-        versions = ray.get([actor.get_policy_version.remote() for actor in self.fleet.actors])
-        for index, engine_version in enumerate(versions):
-            if engine_version != self.engine_version and index not in self.fleet.stale_engines:
-                self._restarted(index, groups_lost=0)
-        if self.fleet.stale_engines:
-            self._heal(version)
+        # A new incarnation means a restart that raised nothing (the actor died between rounds).
+        for index in range(len(self.fleet.actors)):
+            if self._incarnation(index) != self.incarnations[index]:
+                self._restart_found(index, groups_lost=0)
+        if self.restarted:
+            # A group with a dead member can't be reused; a new group's first broadcast sends every weight.
+            self.learners.init_weight_sync(self.fleet.actors, workers_per_engine=self.config.actors.tp)
+            logger.info("weight-sync group rebuilt with restarted %s", [self.fleet.names[i] for i in self.restarted])
+            self.restarted.clear()
         stats = self.learners.sync_weights(version)
         self.engine_version = version
         return stats
 
-    def collect(self, version: int) -> tuple[list[Any], list[dict[str, float]]]:
+    # ---- one batch ------------------------------------------------------------------------------------------------
+    def collect(self) -> tuple[list[Any], list[dict[str, float]]]:
         """Generates until the buffer holds trainer.groups_per_step groups, and takes them.
 
         Returns:
@@ -72,17 +82,20 @@ class RolloutDriver:
         """
         batch = self.config.trainer.groups_per_step
         timeout = self.config.trainer.round_timeout_s
-        if self.fleet.stale_engines:
-            self._heal(version)
+        deadline = time.monotonic() + timeout
         if self.config.trainer.mode == "sync":
-            while ray.get(self.buffer.stats.remote()).size < batch:
+            while self._buffered() < batch:
+                if self.restarted:
+                    self.sync_weights(self.engine_version)
                 for index in range(len(self.fleet.actors)):
                     self._launch(index)
                 self.wait_idle()
-                if self.fleet.stale_engines:
-                    self._heal(version)
-            items = ray.get(self.buffer.get.remote(batch, timeout))
+                if time.monotonic() > deadline:
+                    break
+            items = ray.get(self.buffer.get.remote(batch, 0))
         else:
+            if self.restarted:
+                self.sync_weights(self.engine_version)
             self._keep_busy()
             pending = self.buffer.get.remote(batch, timeout)
             while True:
@@ -90,8 +103,8 @@ class RolloutDriver:
                 if ready[0] == pending:
                     break
                 self._harvest(ready[0])
-                if self.fleet.stale_engines:
-                    self._heal(version)
+                if self.restarted:
+                    self.sync_weights(self.engine_version)
                 self._keep_busy()
             items = ray.get(pending)
         if len(items) < batch:
@@ -109,10 +122,7 @@ class RolloutDriver:
 
     def counters(self) -> dict[str, float]:
         """Fault counters for TensorBoard."""
-        return {
-            "faults/actor_restarts": float(self.fleet.restarts),
-            "faults/lost_groups": float(self.fleet.lost_groups + self.buffer_lost),
-        }
+        return {"faults/actor_restarts": float(self.restarts), "faults/lost_groups": float(self.lost_groups)}
 
     def stop(self) -> None:
         """Drops the rounds still in flight (end of run or error)."""
@@ -121,10 +131,18 @@ class RolloutDriver:
         self.in_flight.clear()
 
     # ---- internals ------------------------------------------------------------------------------------------------
+    def _buffered(self) -> int:
+        return ray.get(self.buffer.stats.remote()).size
+
     def _keep_busy(self) -> None:
-        """Async mode: a round in flight on every actor."""
+        """Async mode: a round on every idle actor, as long as the buffer has room for all the rounds in flight."""
+        per_round = self.config.actors.states_per_round
+        room = self.config.buffer.capacity - self._buffered() - per_round * len(self.in_flight)
         for index in sorted(set(range(len(self.fleet.actors))) - set(self.in_flight.values())):
+            if room < per_round:
+                break
             self._launch(index)
+            room -= per_round
 
     def _launch(self, index: int) -> None:
         self.in_flight[self.fleet.actors[index].run_round.remote()] = index
@@ -136,32 +154,31 @@ class RolloutDriver:
             stats = ray.get(ref).stats
         except RayActorError as e:
             logger.warning("%s died during a round (%s); Ray restarts it", self.fleet.names[index], type(e).__name__)
-            self._restarted(index, groups_lost=self.config.actors.states_per_round)
+            self._restart_found(index, groups_lost=self.config.actors.states_per_round)
             return
-        if stats.policy_version != self.engine_version:  # restarted while idle: it generated with initial weights
-            self._restarted(index, groups_lost=stats.num_groups)
+        if stats.incarnation != self.incarnations[index]:  # restarted while idle: it generated with initial weights
+            self._restart_found(index, groups_lost=0)  # its groups are in the buffer: dropped and counted there
             return
         self.finished_metrics.append(stats.to_metrics())
 
-    def _restarted(self, index: int, groups_lost: int) -> None:
-        """Counts a restart; the actor's groups in the buffer are dropped (their owner died) and counted as lost."""
-        name = self.fleet.names[index]
-        logger.warning("%s was restarted: %d groups of its round lost; it gets the current weights", name, groups_lost)
-        self.fleet.mark_dead(index, groups_lost)
-        self.buffer_lost += ray.get(self.buffer.drop_actor.remote(name))
+    def _incarnation(self, index: int) -> str:
+        """The actor's incarnation id, once it answers: calls fail (ActorUnavailableError) while Ray restarts it."""
+        deadline = time.monotonic() + self.config.trainer.round_timeout_s
+        while True:
+            try:
+                return ray.get(self.fleet.actors[index].get_incarnation.remote())
+            except RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
-    def _heal(self, version: int) -> None:
-        """Gives restarted actors the current weights and rebuilds the weight-sync group with every engine."""
-        self.wait_idle()
-        stale = sorted(self.fleet.stale_engines)
-        # A restarted actor answers once its __init__ (engine build) is done; this waits for that.
-        ray.get([self.fleet.actors[i].get_policy_version.remote() for i in stale])
-        weights = self.learners.consolidated_state_dict()
-        ray.get([self.fleet.actors[i].load_weights.remote(weights, version) for i in stale])
-        self.learners.init_weight_sync(self.fleet.actors, workers_per_engine=self.config.actors.tp)
-        self.fleet.stale_engines.clear()
-        logger.info(
-            "restarted actors %s got weights v%d; weight-sync group rebuilt",
-            [self.fleet.names[i] for i in stale],
-            version,
-        )
+    def _restart_found(self, index: int, groups_lost: int) -> None:
+        """Counts a restart and its losses; the actor's groups in the buffer are dropped (their owner died)."""
+        name = self.fleet.names[index]
+        dropped = ray.get(self.buffer.drop_actor.remote(name))
+        logger.warning("%s was restarted: %d groups lost; it rejoins the weight broadcast", name,
+                       groups_lost + dropped)  # fmt: skip
+        self.incarnations[index] = self._incarnation(index)
+        self.restarted.add(index)
+        self.restarts += 1
+        self.lost_groups += groups_lost + dropped

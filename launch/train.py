@@ -38,7 +38,8 @@ logger = logging.getLogger("train")
 
 def load_config(overrides: list[str]) -> tuple[TrainConfig, bool]:
     """Composes and checks the config. `model=auto` is decided later (it needs the cluster), so it is checked here
-    as model=tiny; returns whether it was auto."""
+    as model=tiny; returns whether it was auto. `model.name=X` is taken as the group choice `model=X`."""
+    overrides = [f"model={o.split('=', 1)[1]}" if o.startswith("model.name=") else o for o in overrides]
     auto = not any(o.startswith("model=") for o in overrides) or "model=auto" in overrides
     concrete = [o for o in overrides if o != "model=auto"] + (["model=tiny"] if auto else [])
     return resolve(compose(concrete)), auto
@@ -86,26 +87,38 @@ def main(overrides: list[str]) -> None:
     # ---- resume: weights, optimizer, step and version from the latest checkpoint of this output dir
     step, version = 0, 0
     ckpt_root = out / config.checkpoint.dir
-    if config.trainer.resume and (latest := checkpoint.latest(ckpt_root)) is not None:
-        state = learners.load_checkpoint(str(latest))
-        step, version = state["step"], state["version"]
-        ray.get(buffer.set_policy_version.remote(version))
-        print(f"resumed from {latest}: step {step}, policy version {version}")
+    if config.trainer.resume:
+        latest = checkpoint.latest(ckpt_root)
+        if latest is None:
+            print(f"trainer.resume=true but no checkpoint under {ckpt_root}: starting from step 0")
+        else:
+            state = learners.load_checkpoint(str(latest))
+            step, version = state["step"], state["version"]
+            ray.get(buffer.set_policy_version.remote(version))
+            print(f"resumed from {latest}: step {step}, policy version {version}")
     learners.init_weight_sync(fleet.actors, workers_per_engine=config.actors.tp)
     rollouts = RolloutDriver(config, fleet, buffer, learners)
     rollouts.sync_weights(version)  # engines start from the learner's weights (the checkpoint's after a resume)
 
     monitor = Monitor(out, config.to_dict(), config.trainer.total_steps, start_step=step)
+    started = time.perf_counter()
+    budget_s = (config.trainer.max_minutes or float("inf")) * 60
+    last_step = config.trainer.total_steps
     try:
-        while step < config.trainer.total_steps:
+        while step < last_step:
             t0 = time.perf_counter()
             # 1. generate: rounds until the buffer holds a batch (sync), or keep every actor busy (async)
-            items, round_metrics = rollouts.collect(version)
+            items, round_metrics = rollouts.collect()
             # 2. train: one GRPO update on B groups, sharded over the learner ranks
             metrics = learners.update(items)
+            if metrics.get("learner/skipped_update"):  # some groups died with their actor: no step this time
+                rollouts.lost_groups += len(items)
+                continue
             step += 1
+            if time.perf_counter() - started > budget_s:
+                last_step = step  # out of time: this step is the last (broadcast, log, checkpoint)
             # 3. broadcast the new weights to every engine (ZeRO-3 gather, bucketed broadcast)
-            if step % config.weight_sync.every_steps == 0 or step == config.trainer.total_steps:
+            if step % config.weight_sync.every_steps == 0 or step == last_step:
                 version = step
                 metrics["perf/weight_sync_s"] = rollouts.sync_weights(version).total_s
                 ray.get(buffer.set_policy_version.remote(version))
@@ -121,7 +134,7 @@ def main(overrides: list[str]) -> None:
             if config.trainer.image_every and step % config.trainer.image_every == 0 and items:
                 monitor.log_sample(step, ray.get(items[0].ref))
             # 5. checkpoint (atomic: a killed run resumes from the last complete one)
-            if config.checkpoint.due(step) or step == config.trainer.total_steps:
+            if config.checkpoint.due(step) or step == last_step:
                 learners.save_checkpoint(str(ckpt_root), config.to_dict(), config.checkpoint.keep_last)
     finally:
         monitor.close()

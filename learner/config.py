@@ -100,6 +100,9 @@ class LearnerConfig:
     param_persistence_threshold: int | None = None
     """Override of stage3_param_persistence_threshold: tensors smaller than this stay whole on every rank.
     Tests set 0 so that a tiny model is really sharded; None keeps the DeepSpeed file's value."""
+    max_response_len: int | None = None
+    """The Dr.GRPO normaliser (seq-mean-token-sum-norm divides each response's token sum by this constant); the
+    trainer sets it to actors.max_new_tokens. None: the batch's longest response."""
     seed: int = 0
     """Seeds torch, numpy and random on every rank (the same on all ranks: ranks see different data)."""
 
@@ -116,6 +119,8 @@ class LearnerConfig:
         _require(self.warmup_steps >= 0, "learner.warmup_steps", "an integer >= 0", self.warmup_steps)
         _require(self.grad_clip >= 0.0, "learner.grad_clip", "a number >= 0", self.grad_clip)
         _require(self.micro_batch_size >= 1, "learner.micro_batch_size", "an integer >= 1", self.micro_batch_size)
+        cap = self.max_response_len
+        _require(cap is None or cap >= 1, "learner.max_response_len", "None or an integer >= 1", cap)
         threshold = self.param_persistence_threshold
         ok = threshold is None or threshold >= 0
         _require(ok, "learner.param_persistence_threshold", "None or an integer >= 0", threshold)

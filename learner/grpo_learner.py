@@ -27,10 +27,12 @@ import numpy as np
 import torch
 import torch._dynamo  # noqa: F401  (imported for its side effect, before deepspeed)
 import torch.distributed as dist
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 import deepspeed  # isort: skip
 import ray
+
+from deepspeed.ops.adam import DeepSpeedCPUAdam  # isort: skip
 
 from actors.vocab import allowed_token_ids
 from learner import checkpoint
@@ -111,12 +113,12 @@ class Learner:
         if self.config.freeze_vision:
             model.model.visual.requires_grad_(False)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            trainable, lr=self.config.lr, betas=self.config.betas, weight_decay=self.config.weight_decay
-        )
+        # A torch optimizer where it can be: DeepSpeed's own Adam ops compile with gcc on first use (~80 s). With the
+        # optimizer state offloaded to host memory ZeRO-3 requires its CPU Adam (compiled once, ~65 s).
+        adam = DeepSpeedCPUAdam if self.config.optimizer_offload else torch.optim.AdamW
+        optimizer = adam(trainable, lr=self.config.lr, betas=self.config.betas, weight_decay=self.config.weight_decay)
         warmup = self.config.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
-        # A torch optimizer instead of the config's: DeepSpeed's own Adam ops compile with gcc on first use (~80 s).
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
@@ -150,7 +152,11 @@ class Learner:
     def _load_model(self, dtype: torch.dtype) -> Qwen2_5_VLForConditionalGeneration:
         # Every rank loads the whole model into host memory and deepspeed.initialize partitions it. Loading straight
         # into shards needs transformers' HfDeepSpeedConfig, which requires the `accelerate` package (not installed).
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.config.model_dir, dtype=dtype)
+        if not any(Path(self.config.model_dir).glob("*.safetensors")):  # a random-init model (config only)
+            config = AutoConfig.from_pretrained(self.config.model_dir)
+            model = Qwen2_5_VLForConditionalGeneration._from_config(config, torch_dtype=dtype)
+        else:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.config.model_dir, dtype=dtype)
         model.config.use_cache = False
         return model
 
@@ -169,7 +175,15 @@ class Learner:
             `optim/lr`, `optim/steps`, `optim/skipped_steps` (in this update), `perf/update_s`.
         """
         start = time.perf_counter()
-        groups = [_resolve(g) for g in groups]
+        groups, lost = _resolve_all(groups)
+        # A group whose producer died can't be read (its process owned the object). Every rank must take the same
+        # optimizer steps, so when any rank lost a group, all of them skip this update and the driver counts it.
+        lost = int(self._all_reduce(torch.tensor([lost]), dist.ReduceOp.MAX))
+        if lost:
+            logger.warning(
+                "rank %d: %d groups of this batch were lost with their actor; skipping the update", self.rank, lost
+            )
+            return {"learner/skipped_update": 1.0, "learner/lost_groups": float(lost)}
         samples, images = encode_groups(groups, self.processor, self.grpo.normalize_std, self.grpo.adv_eps)
         counts = self._all_reduce(torch.tensor([len(samples), -len(samples)]), dist.ReduceOp.MAX).tolist()
         if counts[0] != -counts[1]:
@@ -223,6 +237,12 @@ class Learner:
             for sample, row in zip(samples[i * size : (i + 1) * size], logprobs.cpu(), strict=True):
                 setattr(sample, field, row[: sample.response_len].clone())
 
+    def _sum_norm_scale(self, response_len: int) -> float:
+        """Dr.GRPO divides each sequence's token sum by a constant, the response cap (`max_response_len`); the
+        aggregation divides by this batch's T, so rescale. 1 for the other modes or when no cap is set."""
+        cap = self.config.max_response_len
+        return response_len / cap if self.grpo.loss_agg == "seq-mean-token-sum-norm" and cap else 1.0
+
     def _units(self, mask: torch.Tensor) -> float:
         """What the loss aggregation averages over: tokens (token-mean), or sequences (the seq-mean modes)."""
         if self.grpo.loss_agg == "token-mean":
@@ -248,7 +268,7 @@ class Learner:
             kl = torch.zeros((), device=self.device)
             if g.kl_coef > 0:
                 kl = aggregate(kl_penalty(logprobs, mb.ref_logprobs, g.kl_estimator), mb.mask, g.loss_agg)
-            loss = pg_loss + g.kl_coef * kl - g.entropy_coef * entropy
+            loss = (pg_loss + g.kl_coef * kl - g.entropy_coef * entropy) * self._sum_norm_scale(response_len)
             # This micro-batch's share of the minibatch over all ranks; x W undoes DeepSpeed's gradient averaging.
             self.engine.backward(loss * (self._units(mb.mask) * self.world_size / max(total_units, 1.0)))
 
@@ -380,6 +400,17 @@ class Learner:
         checkpoint.load_rng(path, self.rank)
         self._frozen_sent = False  # engines must be sent everything again
         return {"step": self.step, "version": self.version}
+
+
+def _resolve_all(items: list[Any]) -> tuple[list[TrajectoryGroup], int]:
+    """The groups of `items` that can still be read, and how many can't (their owner, a rollout actor, died)."""
+    groups, lost = [], 0
+    for item in items:
+        try:
+            groups.append(_resolve(item))
+        except ray.exceptions.ObjectLostError:  # OwnerDiedError among them
+            lost += 1
+    return groups, lost
 
 
 def _resolve(item: Any) -> TrajectoryGroup:

@@ -126,6 +126,11 @@ class LearnerGroup:
         plan = ray.get(self.learners[0].weight_plan.remote(version, self.sync.bucket_mb))
         loads = [engine.receive_weights.remote(plan) for engine in self.engines]
         sends = [learner.broadcast_weights.remote(plan) for learner in self.learners]
+        # Wait on both sides at once: a failure on either ends the sync with its error instead of a hang.
+        pending = loads + sends
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
         timings = ray.get(sends)[0]
         load_s = max(ray.get(loads))
         return SyncStats(

@@ -163,6 +163,8 @@ class SyncGroup:
 
             meta = StatelessProcessGroup(rank=rank, world_size=info.world_size, store=prefixed)
             self._nccl = PyNcclCommunicator(meta, device=device)
+            if self._nccl.disabled or not self._nccl.available:  # it would turn every broadcast into a no-op
+                raise RuntimeError("weight sync: vLLM's PyNccl is unavailable here (NCCL library, VLLM_DISABLE_PYNCCL)")
             self._gloo = None
 
     @staticmethod

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import ray
@@ -28,7 +27,7 @@ from replay.trajectory import TrajectoryGroup
 
 # Why an offered group did not come out of `get`: too old for the learner, no GRPO signal, no room in time,
 # offered after `close`, or held when a checkpoint was taken (a restored buffer starts empty).
-DROP_REASONS = ("stale", "uniform_reward", "put_timeout", "closed", "lost_on_restore", "actor_died")
+DROP_REASONS = ("stale", "uniform_reward", "put_timeout", "closed", "actor_died")
 
 
 @dataclass(frozen=True)
@@ -215,27 +214,6 @@ class ReplayBuffer:
             last_batch_staleness_mean=float(np.mean(staleness)) if staleness else 0.0,
             last_batch_staleness_max=max(staleness, default=0),
         )
-
-    def state(self) -> dict[str, Any]:
-        """Counters and version for a checkpoint. The groups themselves live in producers' object stores and are
-        not saved: the ones held now are counted as "lost_on_restore" by `set_state`, keeping the invariant."""
-        return {
-            "policy_version": self._policy_version,
-            "put_count": self._put_count,
-            "get_count": self._get_count,
-            "drops": dict(self._drops),
-            "size": len(self._items),
-        }
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Restores `state()`'s counters into a buffer that has not been used yet."""
-        if self._put_count:
-            raise ValueError(f"set_state: the buffer must be unused; it has taken {self._put_count} puts already")
-        self._policy_version = state["policy_version"]
-        self._put_count = state["put_count"]
-        self._get_count = state["get_count"]
-        self._drops = dict.fromkeys(DROP_REASONS, 0) | state["drops"]
-        self._drops["lost_on_restore"] += state["size"]
 
     def close(self) -> None:
         """Wakes every waiter: blocked puts drop their group ("closed"), blocked gets return what there is."""

@@ -63,18 +63,15 @@ class RayCluster:
         }
 
     def start_node(self, *args: str) -> None:
-        proc = subprocess.run(
+        # `ray start` leads a new process group; the daemons it starts stay in it after it exits.
+        proc = subprocess.Popen(
             [RAY, "start", "--temp-dir", str(self.temp_dir), "--disable-usage-stats", *_node_ports(), *args],
-            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
-            capture_output=True,
-            text=True,
-            timeout=120,
-            start_new_session=True,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        # `ray start` exits once its daemons run; they stay in the session (and group) it was started in.
-        pgid = _group_of(self.temp_dir, exclude=set(self.groups))
-        self.groups.append(pgid)
+            env=self.env,  # token auth: the head writes ~/.ray/auth_token, joining nodes send it
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+        self.groups.append(proc.pid)
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, output
 
     def stop(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -84,15 +81,6 @@ class RayCluster:
                 except ProcessLookupError:
                     pass
             time.sleep(3)
-
-
-def _group_of(temp_dir: Path, exclude: set[int]) -> int:
-    """The process group of the newest daemons whose command line names `temp_dir`."""
-    out = subprocess.run(["ps", "-eo", "pgid,args"], capture_output=True, text=True).stdout
-    groups = {int(line.split()[0]) for line in out.splitlines()[1:] if str(temp_dir) in line}
-    new = groups - exclude
-    assert len(new) == 1, f"expected one new process group for {temp_dir}, got {new}"
-    return new.pop()
 
 
 def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:

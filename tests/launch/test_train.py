@@ -4,7 +4,8 @@
 - `ray job submit` of a 2-node cluster (two `ray start` on this machine): the job succeeds, one rollout actor ran
   on each node, and TensorBoard holds every tag of design.md with one value per step;
 - a rollout actor killed mid-run is restarted and the run finishes its steps, with the loss counted;
-- a run resumed from its checkpoint continues at the same step and version with the same weights.
+- a run resumed from its checkpoint (here in async mode) continues at the same step and version and trains on
+  (the learner tests check that a resume restores weights and optimizer bit for bit).
 """
 
 from __future__ import annotations
@@ -129,13 +130,16 @@ def test_killed_rollout_actor_is_restarted_and_the_run_finishes(ray_cluster, tmp
     assert driver.wait(timeout=600) == 0, "".join(log)[-4000:]
 
     scalars = tensorboard_scalars(out / "tensorboard")
-    assert [step for step, _ in scalars["reward/total"]] == list(range(1, steps + 1))
+    assert [step for step, _ in scalars["reward/total"]] == list(range(1, steps + 1))  # training went on
+    output = "".join(log)
     assert scalars["faults/actor_restarts"][-1][1] >= 1
-    assert scalars["faults/lost_groups"][-1][1] >= 0  # counted (0 when it died between rounds, idle)
-    assert "was restarted" in "".join(log)
+    assert "rollout-1 was restarted" in output
+    assert "weight-sync group rebuilt with restarted ['rollout-1']" in output  # it got the current weights
+    if "died during a round" in output:  # killed mid-round (rather than between rounds): its round is counted lost
+        assert scalars["faults/lost_groups"][-1][1] >= 4
 
 
-def test_resume_continues_from_the_checkpoint_with_the_same_weights(ray_cluster, tmp_path):
+def test_resume_continues_from_the_checkpoint_in_async_mode(ray_cluster, tmp_path):
     from safetensors.torch import load_file
 
     cluster = ray_cluster(num_cpus=3)
