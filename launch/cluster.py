@@ -38,7 +38,8 @@ CPU_ACTOR_ENV = {
 
 
 def connect(num_cpus: int | None = None) -> str:
-    """Joins the running cluster (`ray job submit`, RAY_ADDRESS, or `ray start` on this machine), else starts one.
+    """Joins the cluster named by RAY_ADDRESS (set by `ray job submit`; `RAY_ADDRESS=auto` for one started with
+    `ray start` on this machine), else starts a local one for this run only.
 
     Returns:
         "cluster" or "local", for the start-up line.
@@ -48,14 +49,13 @@ def connect(num_cpus: int | None = None) -> str:
     env_vars = {k: os.environ.get(k, v) for k, v in CPU_ACTOR_ENV.items()}
     if "HF_HUB_OFFLINE" in os.environ:  # the actors load models as the driver does
         env_vars["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
-    env = {"env_vars": env_vars}
-    try:
-        ray.init(address="auto", namespace=NAMESPACE, runtime_env=env)
+    runtime_env = {"env_vars": env_vars}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(namespace=NAMESPACE, runtime_env=runtime_env)
         return "cluster"
-    except ConnectionError:
-        cpus = max(num_cpus or 0, os.cpu_count() or 1)
-        ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, runtime_env=env)
-        return "local"
+    cpus = max(num_cpus or 0, os.cpu_count() or 1)
+    ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, runtime_env=runtime_env)
+    return "local"
 
 
 def cluster_gpus() -> int:
