@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-TAGS = ("<perception>", "</perception>", "<think>", "</think>", "<answer>", "</answer>")
+from envs.rewards import TAG_PAIRS
+
+TAGS = tuple(tag for pair in TAG_PAIRS for tag in pair)  # the answer convention's six tags, one token each
 # Qwen2-VL's special tokens; their ids follow the BPE vocabulary, as in the real tokenizer.
 SPECIAL_TOKENS = (
     "<|endoftext|>",

@@ -131,8 +131,11 @@ def main(overrides: list[str]) -> None:
             metrics["buffer/dropped"] = stats.dropped
             metrics["perf/step_s"] = time.perf_counter() - t0
             monitor.log_step(step, metrics)
-            if config.trainer.image_every and step % config.trainer.image_every == 0 and items:
-                monitor.log_sample(step, ray.get(items[0].ref))
+            if config.trainer.image_every and step % config.trainer.image_every == 0:
+                try:
+                    monitor.log_sample(step, ray.get(items[0].ref))
+                except ray.exceptions.ObjectLostError:  # its actor died since the learner read it: no image this time
+                    pass
             # 5. checkpoint (atomic: a killed run resumes from the last complete one)
             if config.checkpoint.due(step) or step == last_step:
                 learners.save_checkpoint(str(ckpt_root), config.to_dict(), config.checkpoint.keep_last)
