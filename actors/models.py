@@ -148,6 +148,16 @@ def cluster_has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def auto_model_name() -> str:
+    """What `model=auto` means here, said in one line: Qwen2.5-VL-3B where the Ray cluster (or, unconnected, this
+    machine) has a GPU, else the tiny local model."""
+    if cluster_has_gpu():
+        print("model=auto: GPUs in the cluster, using Qwen2.5-VL-3B (model=qwen2_5_vl_3b)")
+        return "qwen2_5_vl_3b"
+    print("model=auto: no GPU in the cluster, using the tiny local Qwen2.5-VL (model=tiny)")
+    return "tiny"
+
+
 def _from_hub(name: str) -> str:
     """A hub model's local snapshot directory: downloaded when the hub is reachable, else from the local cache.
 
@@ -187,9 +197,7 @@ def resolve_model(name: str, path: str | os.PathLike | None = None, cache_dir: s
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; allowed values of key 'model': {', '.join(MODEL_NAMES)}")
     if name == "auto":
-        name = "qwen2_5_vl_3b" if cluster_has_gpu() else "tiny"
-        if name == "tiny":
-            print("model=auto: no GPU in the cluster, using the tiny local Qwen2.5-VL (model=tiny)")
+        name = auto_model_name()
     random_weights = name == "qwen2_5_vl_3b_random"
     if path is not None:
         return ModelSource(name, str(check_model_dir(path, require_weights=not random_weights)), random_weights)

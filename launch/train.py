@@ -26,7 +26,7 @@ import ray
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from actors.models import resolve_model
+from actors.models import auto_model_name, resolve_model
 from launch import cluster
 from launch.config import TrainConfig, compose, resolve
 from launch.monitor import Monitor, reduce_rounds
@@ -47,13 +47,9 @@ def load_config(overrides: list[str]) -> tuple[TrainConfig, bool]:
 
 def choose_model(overrides: list[str], config: TrainConfig, auto: bool) -> TrainConfig:
     """model=auto: the tiny local model on a cluster without GPUs (said in one line), Qwen2.5-VL-3B with them."""
-    if not auto:
+    if not auto or (name := auto_model_name()) == "tiny":  # load_config already composed it as model=tiny
         return config
-    if cluster.cluster_gpus() == 0:
-        print("model=auto: no GPU in the Ray cluster, training the tiny local Qwen2.5-VL (model=tiny)")
-        return config
-    print(f"model=auto: {cluster.cluster_gpus()} GPUs in the Ray cluster, training Qwen2.5-VL-3B (model=qwen2_5_vl_3b)")
-    return resolve(compose([o for o in overrides if o != "model=auto"] + ["model=qwen2_5_vl_3b"]))
+    return resolve(compose([o for o in overrides if o != "model=auto"] + [f"model={name}"]))
 
 
 def main(overrides: list[str]) -> None:
