@@ -14,7 +14,8 @@ A rollout actor that dies is restarted by Ray (max_restarts=-1). Its in-flight r
 it had put in the buffer are dropped (their objects died with their owner) and counted, and before it generates
 again the weight-sync group is rebuilt with it, whose first broadcast sends every weight. A restarted actor gives
 itself away by its incarnation (a new id per process), checked on every round it returns and before every
-broadcast, so a death while the actor was idle, which raises nothing, is found too.
+broadcast, so a death while the actor was idle, which raises nothing, is found too. A death during a broadcast fails
+the broadcast (learner.WeightSyncError); the group is rebuilt with the restarted actor and the broadcast repeated.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from ray.exceptions import RayActorError
 
 from launch.cluster import RolloutFleet
 from launch.config import TrainConfig
+from learner import WeightSyncError
 
 logger = logging.getLogger(__name__)
+
+SYNC_ATTEMPTS = 3  # a broadcast that fails this many times in a row (new group each time) is not a lost actor: raise
 
 
 class RolloutDriver:
@@ -51,25 +55,37 @@ class RolloutDriver:
         self.restarted: set[int] = set()  # actors restarted since the weight-sync group was built
         self.restarts = 0
         self.lost_groups = 0  # groups of interrupted rounds, of dead actors in the buffer, of skipped updates
+        self.sync_group_broken = False  # a broadcast failed: the group must be rebuilt before the next one
 
     # ---- weights --------------------------------------------------------------------------------------------------
     def sync_weights(self, version: int) -> Any:
         """Broadcasts the learner's weights (as `version`) to every engine, restarted ones included.
 
+        An actor that dies during the broadcast fails it (learner.WeightSyncError) and leaves the sync group
+        unusable: the group is rebuilt with the restarted actor and the broadcast, now a full one, tried again.
+
         Returns:
             The broadcast's SyncStats.
         """
         self.wait_idle()  # every engine takes part in the broadcast: none may be in a round
-        # A new incarnation means a restart that raised nothing (the actor died between rounds).
-        for index in range(len(self.fleet.actors)):
-            if self._incarnation(index) != self.incarnations[index]:
-                self._restart_found(index, groups_lost=0)
-        if self.restarted:
-            # A group with a dead member can't be reused; a new group's first broadcast sends every weight.
-            self.learners.init_weight_sync(self.fleet.actors, workers_per_engine=self.config.actors.tp)
-            logger.info("weight-sync group rebuilt with restarted %s", [self.fleet.names[i] for i in self.restarted])
-            self.restarted.clear()
-        stats = self.learners.sync_weights(version)
+        attempt = 1
+        while True:
+            self._find_idle_restarts()
+            if self.restarted or self.sync_group_broken:
+                # A group with a dead member can't be reused; a new group's first broadcast sends every weight.
+                self.learners.init_weight_sync(self.fleet.actors, workers_per_engine=self.config.actors.tp)
+                logger.info("weight-sync group rebuilt (restarted: %s)", [self.fleet.names[i] for i in self.restarted])
+                self.restarted.clear()
+                self.sync_group_broken = False
+            try:
+                stats = self.learners.sync_weights(version)
+                break
+            except WeightSyncError as e:
+                if attempt == SYNC_ATTEMPTS:
+                    raise
+                logger.warning("%s; rebuilding the group and trying again (%d/%d)", e, attempt, SYNC_ATTEMPTS)
+                self.sync_group_broken = True
+                attempt += 1
         self.engine_version = version
         return stats
 
@@ -160,6 +176,13 @@ class RolloutDriver:
             self._restart_found(index, groups_lost=0)  # its groups are in the buffer: dropped and counted there
             return
         self.finished_metrics.append(stats.to_metrics())
+
+    def _find_idle_restarts(self) -> None:
+        """Asks every actor for its incarnation: a new one is a restart that raised nothing (it died between rounds
+        or during a broadcast)."""
+        for index in range(len(self.fleet.actors)):
+            if self._incarnation(index) != self.incarnations[index]:
+                self._restart_found(index, groups_lost=0)
 
     def _incarnation(self, index: int) -> str:
         """The actor's incarnation id, once it answers: calls fail (ActorUnavailableError) while Ray restarts it."""

@@ -13,6 +13,7 @@ _LAZY = {
     "Learner": "learner.grpo_learner",
     "LearnerGroup": "learner.learner_group",
     "SyncStats": "learner.learner_group",
+    "WeightSyncError": "learner.learner_group",
 }
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "SyncPlan",
     "SyncStats",
     "WeightSyncConfig",
+    "WeightSyncError",
 ]
 
 

@@ -345,28 +345,39 @@ class Learner:
         ]
         return plan_buckets(params, bucket_mb * 2**20, version, full)
 
-    def broadcast_weights(self, plan: SyncPlan) -> dict[str, float]:
+    def broadcast_weights(self, plan: SyncPlan) -> dict[str, Any]:
         """Every rank: gathers each bucket's ZeRO-3 shards; rank 0 packs and broadcasts them to the sync group.
+
+        A failed broadcast (an engine died) tears the sync group down (see SyncGroup.broadcast), so that the
+        surviving engines fail at once, and rank 0 goes on gathering without sending: the gathers are collectives of
+        the whole learner world, and a rank that left the loop early would leave the others waiting in theirs. The
+        group is then unusable until `serve_weight_sync` opens a new one.
 
         Returns:
             `gather_s` (gathering and packing) and `broadcast_s` (sending, which includes waiting for the engines to
-            load the previous bucket) on rank 0.
+            load the previous bucket) on rank 0, and `error`: None, or why the broadcast failed.
         """
         named = dict(self.engine.module.named_parameters())
         gather_s = broadcast_s = 0.0
+        error = None if self.rank != 0 or self._sync_group is not None else "this sync group was aborted"
         for bucket in plan.buckets:
             t0 = time.perf_counter()
             params = [named[slot.name] for slot in bucket.slots]
             with deepspeed.zero.GatheredParameters(params):
-                if self.rank == 0:
+                if self.rank == 0 and error is None:
                     flat = pack_bucket(bucket, {s.name: named[s.name].data for s in bucket.slots}, self.device)
             t1 = time.perf_counter()
-            if self.rank == 0:
-                self._sync_group.broadcast(flat)
+            if self.rank == 0 and error is None:
+                try:
+                    self._sync_group.broadcast(flat)
+                except RuntimeError as e:
+                    error = f"{type(e).__name__}: {e}"
+                    self._sync_group = None
             gather_s, broadcast_s = gather_s + t1 - t0, broadcast_s + time.perf_counter() - t1
-        self.version = plan.version
-        self._frozen_sent = self._frozen_sent or plan.full
-        return {"gather_s": gather_s, "broadcast_s": broadcast_s}
+        if error is None:
+            self.version = plan.version
+            self._frozen_sent = self._frozen_sent or plan.full
+        return {"gather_s": gather_s, "broadcast_s": broadcast_s, "error": error}
 
     # ----------------------------------------------------------------------------------------------- checkpoints
 

@@ -54,6 +54,17 @@ class SyncStats:
         return self.nbytes / self.total_s / 1e9 if self.total_s > 0 else 0.0
 
 
+class WeightSyncError(RuntimeError):
+    """A weight sync that did not reach every engine: which engines failed (index in the sync group's engine list)
+    and why, and the sender's error. Nothing is half-done on the learner side."""
+
+    def __init__(self, version: int, engine_errors: dict[int, str], sender_error: str | None):
+        self.version, self.engine_errors, self.sender_error = version, engine_errors, sender_error
+        details = [f"engine {i}: {why}" for i, why in sorted(engine_errors.items())]
+        details += [f"learner rank 0: {sender_error}"] if sender_error else []
+        super().__init__(f"weight sync to version {version} failed: " + "; ".join(details))
+
+
 class LearnerGroup:
     """W learner actors in one DeepSpeed world.
 
@@ -119,27 +130,37 @@ class LearnerGroup:
         self.engines = list(engines)
 
     def sync_weights(self, version: int) -> SyncStats:
-        """Broadcasts the current weights to every engine of the sync group; they then serve `version`."""
+        """Broadcasts the current weights to every engine of the sync group; they then serve `version`.
+
+        Raises:
+            WeightSyncError: an engine died or a side of the broadcast failed. Raised once every side has settled
+                (gloo: at once, since the sender aborts the group; NCCL: within weight_sync.timeout_s), with the
+                learner world still in step; the group is then unusable, so the caller calls `init_weight_sync`
+                again (with the restarted engines) before the next sync.
+        """
         if not self.engines:
             raise RuntimeError("init_weight_sync(engines) must be called before sync_weights")
         start = time.perf_counter()
         plan = ray.get(self.learners[0].weight_plan.remote(version, self.sync.bucket_mb))
         loads = [engine.receive_weights.remote(plan) for engine in self.engines]
         sends = [learner.broadcast_weights.remote(plan) for learner in self.learners]
-        # Wait on both sides at once: a failure on either ends the sync with its error instead of a hang.
-        pending = loads + sends
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)
-        timings = ray.get(sends)[0]
-        load_s = max(ray.get(loads))
+        load_times, failures = [], {}
+        for index, ref in enumerate(loads):
+            try:
+                load_times.append(ray.get(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                cause = getattr(e, "cause", None) or e  # a task error carries the engine's own exception
+                failures[index] = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
+        timings = ray.get(sends)[0]  # learner errors are bugs, not faults: they propagate
+        if failures or timings["error"]:
+            raise WeightSyncError(version, failures, timings["error"])
         return SyncStats(
             version=version,
             nbytes=plan.nbytes,
             full=plan.full,
             gather_s=timings["gather_s"],
             broadcast_s=timings["broadcast_s"],
-            load_s=load_s,
+            load_s=max(load_times),
             total_s=time.perf_counter() - start,
         )
 

@@ -20,6 +20,7 @@ worker processes and uses the same plan and unpacking code.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -186,7 +187,25 @@ class SyncGroup:
         return cls(info, rank, store, device)
 
     def broadcast(self, flat: torch.Tensor) -> None:
-        """Broadcasts `flat` from sync rank 0 into every member's `flat` (same numel and dtype everywhere)."""
+        """Broadcasts `flat` from sync rank 0 into every member's `flat` (same numel and dtype everywhere).
+
+        A member that fails (a peer is gone) tears its end of the group down before raising, which is how the failure
+        reaches everyone: gloo broadcasts along a tree, so a member waiting on a relay fails only once that relay
+        closes its connections, and members that merely time out would hold the learner for `timeout_s`. NCCL cannot
+        see a dead peer, so there the wait is bounded by the group's timeout. The group is unusable afterwards.
+
+        Raises:
+            RuntimeError: the broadcast failed, or this group was torn down by an earlier failure.
+        """
+        if self._gloo is None and self._nccl is None:
+            raise RuntimeError("weight sync: this group was torn down after a failed broadcast; join a new one")
+        try:
+            self._broadcast(flat)
+        except RuntimeError:
+            self._tear_down()
+            raise
+
+    def _broadcast(self, flat: torch.Tensor) -> None:
         if self._gloo is not None:
             opts = dist.BroadcastOptions()
             opts.rootRank = 0
@@ -194,5 +213,22 @@ class SyncGroup:
         else:
             self._nccl.broadcast(flat, src=0, stream=torch.cuda.current_stream())
             # The receiver hands views of `flat` to vLLM's loaders on the same stream; the sender reuses memory
-            # right after, so wait here rather than reason about stream lifetimes.
-            torch.cuda.current_stream().synchronize()
+            # right after, so wait here rather than reason about stream lifetimes. Polled, not synchronize():
+            # a broadcast whose peer died never completes, and a learner blocked in it would never train again.
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream())
+            deadline = time.monotonic() + self.info.timeout_s
+            while not done.query():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"weight sync: a broadcast did not complete in {self.info.timeout_s}s")
+                time.sleep(0.001)
+
+    def _tear_down(self) -> None:
+        if self._gloo is not None:
+            self._gloo.abort()
+            # Dropping the group closes its connections, which is what the members waiting on this one notice;
+            # abort alone leaves them waiting for their timeout.
+            self._gloo = None
+        elif self._nccl is not None:
+            self._nccl.destroy()  # vLLM's ncclCommAbort, in a thread with a timeout
+            self._nccl = None

@@ -1,11 +1,11 @@
-"""Fixtures of the end-to-end tests (helpers in runs.py)."""
+"""Fixtures of the end-to-end tests (helpers in train_runs.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from runs import RayCluster, free_ports
+from train_runs import RayCluster, free_ports
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
-from runs import REPO, tensorboard_scalars
+from train_runs import REPO, tensorboard_scalars
 
 STEPS = 15
 

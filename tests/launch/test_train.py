@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import REPO, tensorboard_scalars
+from train_runs import REPO, tensorboard_scalars
 
 from launch.train import load_config
 from learner import checkpoint
@@ -134,7 +134,7 @@ def test_killed_rollout_actor_is_restarted_and_the_run_finishes(ray_cluster, tmp
     output = "".join(log)
     assert scalars["faults/actor_restarts"][-1][1] >= 1
     assert "rollout-1 was restarted" in output
-    assert "weight-sync group rebuilt with restarted ['rollout-1']" in output  # it got the current weights
+    assert "weight-sync group rebuilt (restarted: ['rollout-1'])" in output  # it got the current weights
     if "died during a round" in output:  # killed mid-round (rather than between rounds): its round is counted lost
         assert scalars["faults/lost_groups"][-1][1] >= 4
 

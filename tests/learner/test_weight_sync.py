@@ -7,10 +7,12 @@ outputs.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 
-from learner import checkpoint
+from learner import WeightSyncError, checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +65,31 @@ def test_restarted_engine_gets_current_weights_when_the_group_is_recreated(learn
     stats = learners_2.sync_weights(version=7)
     assert stats.full
     assert _checksums(second) == current == _checksums(first)
+
+
+def test_an_engine_dying_fails_the_sync_at_once_and_a_new_group_heals_it(
+    learners_2, engines, start_engine, tiny_model_dir, make_groups
+):
+    first, second, _ = engines
+    (doomed,) = start_engine(tiny_model_dir)
+    learners_2.init_weight_sync([first, doomed, second])
+    learners_2.sync_weights(version=8)
+    ray.kill(doomed)
+    learners_2.update(make_groups(2, seed=53))
+    start = time.monotonic()
+    with pytest.raises(WeightSyncError) as failed:
+        learners_2.sync_weights(version=9)
+    # Settled long before the group's 600 s timeout: each member that fails tears its end down, so all fail at once.
+    assert time.monotonic() - start < 60
+    assert set(failed.value.engine_errors) == {0, 1, 2} and "died" in failed.value.engine_errors[1]
+    assert failed.value.sender_error  # the sender saw the closed connection too
+
+    learners_2.update(make_groups(2, seed=54))  # the learner world is still in step (it would hang otherwise)
+    learners_2.init_weight_sync([first, second])
+    stats = learners_2.sync_weights(version=10)
+    assert stats.full and stats.version == 10
+    assert _checksums(first) == _checksums(second)
+    assert ray.get([e.__ray_call__.remote(lambda self: self.policy_version) for e in (first, second)]) == [10, 10]
 
 
 def test_frozen_vision_is_sent_once_and_engines_keep_it(new_learner_group, engines, make_groups, tmp_path):
