@@ -10,14 +10,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from train_runs import REPO, tensorboard_scalars
 
+from launch.config import TrainConfig, compose
 from launch.train import load_config
 from learner import checkpoint
 
@@ -77,6 +81,22 @@ def test_bad_config_names_the_key_and_the_allowed_values(overrides, names):
         load_config(overrides)
     for name in names:
         assert name in str(error.value)
+
+
+# Filled in by launch.config.resolve from other keys (the top-level seed, the game group, the model, max_new_tokens).
+DERIVED = {"pool": {"games", "seed"}, "actors": {"seed"}, "learner": {"seed", "model_dir", "max_response_len"}}
+
+
+def test_every_setting_can_be_overridden_on_the_command_line():
+    """Hydra overrides only keys that the composed config already has: a dataclass field missing from configs/ could
+    be set only as `+key=value`, unlike what the README documents."""
+    composed = OmegaConf.to_container(compose(["model=tiny"]))
+    for section, cls in typing.get_type_hints(TrainConfig).items():
+        if dataclasses.is_dataclass(cls):
+            expected = {f.name for f in dataclasses.fields(cls)} - DERIVED.get(section, set())
+            assert expected <= set(composed[section]), (section, sorted(expected - set(composed[section])))
+    config, _ = load_config(["weight_sync.timeout_s=60", "grpo.entropy_coef=0.01", "learner.betas=[0.9,0.99]"])
+    assert (config.weight_sync.timeout_s, config.grpo.entropy_coef, config.learner.betas) == (60, 0.01, (0.9, 0.99))
 
 
 def test_bad_config_stops_the_command_before_ray_starts():
