@@ -83,8 +83,15 @@ def test_bad_config_names_the_key_and_the_allowed_values(overrides, names):
         assert name in str(error.value)
 
 
-# Filled in by launch.config.resolve from other keys (the top-level seed, the game group, the model, max_new_tokens).
-DERIVED = {"pool": {"games", "seed"}, "actors": {"seed"}, "learner": {"seed", "model_dir", "max_response_len"}}
+# Not settings of a run: filled in by launch.config.resolve from other keys (the top-level seed, the game group, the
+# model, max_new_tokens), or, for buffer.get_timeout_s, the buffer API's default for callers that pass no timeout (the
+# training loop passes trainer.round_timeout_s).
+DERIVED = {
+    "pool": {"games", "seed"},
+    "actors": {"seed"},
+    "learner": {"seed", "model_dir", "max_response_len"},
+    "buffer": {"get_timeout_s"},
+}
 
 
 def test_every_setting_can_be_overridden_on_the_command_line():
