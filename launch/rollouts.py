@@ -61,8 +61,9 @@ class RolloutDriver:
     def sync_weights(self, version: int) -> Any:
         """Broadcasts the learner's weights (as `version`) to every engine, restarted ones included.
 
-        An actor that dies during the broadcast fails it (learner.WeightSyncError) and leaves the sync group
-        unusable: the group is rebuilt with the restarted actor and the broadcast, now a full one, tried again.
+        An actor that dies during the broadcast, or while a new group forms, fails it (learner.WeightSyncError) and
+        leaves the sync group unusable: the group is rebuilt with the restarted actor and the broadcast, now a full
+        one, tried again.
 
         Returns:
             The broadcast's SyncStats.
@@ -71,13 +72,14 @@ class RolloutDriver:
         attempt = 1
         while True:
             self._find_idle_restarts()
-            if self.restarted or self.sync_group_broken:
-                # A group with a dead member can't be reused; a new group's first broadcast sends every weight.
-                self.learners.init_weight_sync(self.fleet.actors, workers_per_engine=self.config.actors.tp)
-                logger.info("weight-sync group rebuilt (restarted: %s)", [self.fleet.names[i] for i in self.restarted])
-                self.restarted.clear()
-                self.sync_group_broken = False
             try:
+                if self.restarted or self.sync_group_broken:
+                    # A group with a dead member can't be reused; a new group's first broadcast sends every weight.
+                    self.learners.init_weight_sync(self.fleet.actors, workers_per_engine=self.config.actors.tp)
+                    restarted = [self.fleet.names[i] for i in sorted(self.restarted)]
+                    logger.info("weight-sync group rebuilt (restarted: %s)", restarted)
+                    self.restarted.clear()
+                    self.sync_group_broken = False
                 stats = self.learners.sync_weights(version)
                 break
             except WeightSyncError as e:

@@ -55,14 +55,29 @@ class SyncStats:
 
 
 class WeightSyncError(RuntimeError):
-    """A weight sync that did not reach every engine: which engines failed (index in the sync group's engine list)
-    and why, and the sender's error. Nothing is half-done on the learner side."""
+    """A sync group that did not form (`version` None) or a weight sync that did not reach every engine: which
+    engines failed (index in the sync group's engine list) and why, and learner rank 0's error. Nothing is half-done
+    on the learner side; the group is unusable and `init_weight_sync` must run again."""
 
-    def __init__(self, version: int, engine_errors: dict[int, str], sender_error: str | None):
+    def __init__(self, version: int | None, engine_errors: dict[int, str], sender_error: str | None):
         self.version, self.engine_errors, self.sender_error = version, engine_errors, sender_error
         details = [f"engine {i}: {why}" for i, why in sorted(engine_errors.items())]
         details += [f"learner rank 0: {sender_error}"] if sender_error else []
-        super().__init__(f"weight sync to version {version} failed: " + "; ".join(details))
+        what = "the weight-sync group did not form" if version is None else f"weight sync to version {version} failed"
+        super().__init__(f"{what}: " + "; ".join(details))
+
+
+def _settle(refs: list[ray.ObjectRef]) -> tuple[list[Any], dict[int, str]]:
+    """Waits for every ref; returns the values of those that succeeded and, by index, why the others failed (an actor
+    that died, or the exception its task raised)."""
+    values, failures = [], {}
+    for index, ref in enumerate(refs):
+        try:
+            values.append(ray.get(ref))
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            cause = getattr(e, "cause", None) or e  # a task error carries the actor's own exception
+            failures[index] = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
+    return values, failures
 
 
 class LearnerGroup:
@@ -121,12 +136,21 @@ class LearnerGroup:
         return ray.get(refs)[0]
 
     def init_weight_sync(self, engines: list[Any], workers_per_engine: int = 1) -> None:
-        """(Re-)creates the sync group of learner rank 0 and every worker of `engines` (TP = workers_per_engine)."""
+        """(Re-)creates the sync group of learner rank 0 and every worker of `engines` (TP = workers_per_engine).
+
+        Raises:
+            WeightSyncError: the group did not form, e.g. an engine died before joining: the others then wait for it
+                until weight_sync.timeout_s, so the error comes after that timeout.
+        """
         world_size = len(engines) * workers_per_engine + 1
         leader = self.learners[0]
+        self.engines = []
         info = ray.get(leader.serve_weight_sync.remote(world_size, self.sync.backend, self.sync.timeout_s))
         joins = [engine.join_weight_sync.remote(info, 1 + i * workers_per_engine) for i, engine in enumerate(engines)]
-        ray.get([leader.join_weight_sync.remote(), *joins])
+        _, leader_failed = _settle([leader.join_weight_sync.remote()])
+        _, failures = _settle(joins)
+        if failures or leader_failed:
+            raise WeightSyncError(None, failures, leader_failed.get(0))
         self.engines = list(engines)
 
     def sync_weights(self, version: int) -> SyncStats:
@@ -144,13 +168,7 @@ class LearnerGroup:
         plan = ray.get(self.learners[0].weight_plan.remote(version, self.sync.bucket_mb))
         loads = [engine.receive_weights.remote(plan) for engine in self.engines]
         sends = [learner.broadcast_weights.remote(plan) for learner in self.learners]
-        load_times, failures = [], {}
-        for index, ref in enumerate(loads):
-            try:
-                load_times.append(ray.get(ref))
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                cause = getattr(e, "cause", None) or e  # a task error carries the engine's own exception
-                failures[index] = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
+        load_times, failures = _settle(loads)
         timings = ray.get(sends)[0]  # learner errors are bugs, not faults: they propagate
         if failures or timings["error"]:
             raise WeightSyncError(version, failures, timings["error"])

@@ -66,7 +66,7 @@ def make_groups(processor):
     return make
 
 
-def _learner_group(model_dir, num_learners: int, **overrides):
+def _learner_group(model_dir, num_learners: int, sync_timeout_s: float = 600.0, **overrides):
     from learner import GRPOConfig, LearnerConfig, LearnerGroup, WeightSyncConfig
 
     config = LearnerConfig(
@@ -81,13 +81,14 @@ def _learner_group(model_dir, num_learners: int, **overrides):
     # Two optimizer steps per update (old log-probs precomputed), the paper's KL term (a reference model) and an
     # entropy bonus: every loss path runs in the shared worlds.
     grpo = GRPOConfig(num_minibatches=2, is_cap=2.0, kl_coef=1e-2, entropy_coef=1e-3)
-    return LearnerGroup(config, grpo, WeightSyncConfig(bucket_mb=1), num_cpus=LEARNER_CPUS)
+    sync = WeightSyncConfig(bucket_mb=1, timeout_s=sync_timeout_s)
+    return LearnerGroup(config, grpo, sync, num_cpus=LEARNER_CPUS)
 
 
 @pytest.fixture(scope="session")
 def new_learner_group(ray_local, tiny_model_dir):
-    """`new_learner_group(num_learners, **LearnerConfig overrides)`: a learner group of its own (a new DeepSpeed
-    world, ~10 s); the caller shuts it down."""
+    """`new_learner_group(num_learners, sync_timeout_s=600, **LearnerConfig overrides)`: a learner group of its own
+    (a new DeepSpeed world, ~10 s); the caller shuts it down."""
     return lambda num_learners, **overrides: _learner_group(tiny_model_dir, num_learners, **overrides)
 
 

@@ -92,6 +92,28 @@ def test_an_engine_dying_fails_the_sync_at_once_and_a_new_group_heals_it(
     assert ray.get([e.__ray_call__.remote(lambda self: self.policy_version) for e in (first, second)]) == [10, 10]
 
 
+def test_a_group_with_a_dead_engine_fails_to_form_and_the_next_one_forms(
+    new_learner_group, engines, start_engine, tiny_model_dir
+):
+    first, second, _ = engines
+    (doomed,) = start_engine(tiny_model_dir)
+    ray.kill(doomed)
+    learners = new_learner_group(1, sync_timeout_s=10)  # the survivors wait this long for the missing member
+    try:
+        with pytest.raises(WeightSyncError) as failed:
+            learners.init_weight_sync([first, doomed, second])
+        assert failed.value.version is None and "died" in failed.value.engine_errors[1]
+        assert set(failed.value.engine_errors) == {0, 1, 2} and failed.value.sender_error  # nobody hangs
+        with pytest.raises(RuntimeError, match="init_weight_sync"):
+            learners.sync_weights(version=1)  # the failed group is not used
+
+        learners.init_weight_sync([first, second])
+        stats = learners.sync_weights(version=2)
+        assert stats.full and _checksums(first) == _checksums(second)
+    finally:
+        learners.shutdown()
+
+
 def test_frozen_vision_is_sent_once_and_engines_keep_it(new_learner_group, engines, make_groups, tmp_path):
     first, _, reference = engines
     frozen = new_learner_group(1, freeze_vision=True)
