@@ -359,7 +359,7 @@ class Learner:
         """
         named = dict(self.engine.module.named_parameters())
         gather_s = broadcast_s = 0.0
-        error = None if self.rank != 0 or self._sync_group is not None else "this sync group was aborted"
+        error: str | None = None
         for bucket in plan.buckets:
             t0 = time.perf_counter()
             params = [named[slot.name] for slot in bucket.slots]
@@ -370,9 +370,8 @@ class Learner:
             if self.rank == 0 and error is None:
                 try:
                     self._sync_group.broadcast(flat)
-                except RuntimeError as e:
+                except RuntimeError as e:  # the group tore itself down: later syncs fail until a new one forms
                     error = f"{type(e).__name__}: {e}"
-                    self._sync_group = None
             gather_s, broadcast_s = gather_s + t1 - t0, broadcast_s + time.perf_counter() - t1
         if error is None:
             self.version = plan.version

@@ -158,9 +158,9 @@ class LearnerGroup:
 
         Raises:
             WeightSyncError: an engine died or a side of the broadcast failed. Raised once every side has settled
-                (gloo: at once, since the sender aborts the group; NCCL: within weight_sync.timeout_s), with the
-                learner world still in step; the group is then unusable, so the caller calls `init_weight_sync`
-                again (with the restarted engines) before the next sync.
+                (gloo: at once, since every member that fails tears its end of the group down; NCCL: within
+                weight_sync.timeout_s), with the learner world still in step; the group is then unusable, so the
+                caller calls `init_weight_sync` again (with the restarted engines) before the next sync.
         """
         if not self.engines:
             raise RuntimeError("init_weight_sync(engines) must be called before sync_weights")
