@@ -11,8 +11,9 @@ importing them from here, before `make` is defined, is fine.
 
 from typing import Any
 
-from envs.base import Game, Reward, StepResult
+from envs.base import ExpertMove, Game, Reward, StepResult
 from envs.config import GameSpec, PoolConfig
+from envs.experts import expert_response
 from envs.game_2048 import Game2048
 from envs.gym_env import register_all
 from envs.pool import GamePool, PooledState
@@ -35,6 +36,7 @@ register_all()
 
 __all__ = [
     "GAMES",
+    "ExpertMove",
     "Game",
     "GamePool",
     "GameSpec",
@@ -43,6 +45,7 @@ __all__ = [
     "Reward",
     "RewardConfig",
     "StepResult",
+    "expert_response",
     "make",
     "score",
 ]

@@ -41,6 +41,18 @@ class Reward:
 
 
 @dataclass(frozen=True)
+class ExpertMove:
+    """The game's own scripted solver's choice for the current state (`Game.expert_move`).
+
+    The expert is the reference "teacher" of every results table and the source of supervised (SFT) responses, so
+    its reason must be honest: what the solver saw and why it chose the action, never a rationalization added later.
+    """
+
+    action: Any  # a legal action of the current state
+    reason: str  # one or two short sentences: what it saw, what it chose, why (it names the action)
+
+
+@dataclass(frozen=True)
 class Knob:
     """One difficulty knob: its default, a check that returns an error text (or None when the value is fine)."""
 
@@ -155,6 +167,13 @@ class Game(abc.ABC):
     @abc.abstractmethod
     def step(self, action: Any) -> StepResult:
         """Applies `action` (None or an illegal action: the invalid-action penalty, board unchanged)."""
+
+    def expert_move(self) -> ExpertMove:
+        """The scripted expert's action for the current state and its reason (the episode must not be over).
+
+        Not abstract: a game without an expert is still a game to train on; each game overrides this.
+        """
+        raise NotImplementedError(f"{self.name}: this game has no scripted expert")
 
     def random_legal_action(self, rng: np.random.Generator) -> Any | None:
         """A uniformly random legal action drawn from `rng` (a pool's random steps); None once the episode is over.
