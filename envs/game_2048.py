@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from envs.base import Game, Knob, StepResult, int_in
+from envs.base import ExpertMove, Game, Knob, StepResult, int_in
 from envs.render import COLOURS, PERCEPTION_KNOBS, Style, Tile, cached_renderer, photo_class_count
 
 ACTIONS = ("up", "right", "down", "left")  # index = action id, as in G1 and gymnasium-2048
@@ -67,6 +67,64 @@ def apply_move(board: list[list[int]], action: int) -> tuple[list[list[int]], in
     gained = sum(g for _, g in slid)
     rows = zip(*moved, strict=True) if vertical else moved
     return [list(row) for row in rows], gained
+
+
+# The expert's board heuristic, line by line (the weights of nneonneo/2048-ai, a strong, widely used expectimax
+# player): empty cells and equal neighbours are good; non-monotone lines and large tiles scattered are bad.
+_LOST_PENALTY, _EMPTY, _MERGES = 200_000.0, 270.0, 700.0
+_MONO_POWER, _MONO, _SUM_POWER, _SUM = 4.0, 47.0, 3.5, 11.0
+_FOUR_PROBABILITY = 0.1  # a spawn is a 4 with this probability, else a 2 (see _spawn)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _line_value(line: tuple[int, ...]) -> float:
+    """Heuristic value of one row or column (memoized: lines repeat a lot)."""
+    ranks = [v.bit_length() - 1 if v else 0 for v in line]  # log2 of the tiles, 0 = empty
+    tiles = [r for r in ranks if r]
+    merges = sum(a == b for a, b in zip(tiles, tiles[1:], strict=False))
+    rising = falling = 0.0
+    for a, b in zip(ranks, ranks[1:], strict=False):
+        if a > b:
+            falling += a**_MONO_POWER - b**_MONO_POWER
+        else:
+            rising += b**_MONO_POWER - a**_MONO_POWER
+    return (
+        _LOST_PENALTY
+        + _EMPTY * (len(line) - len(tiles))
+        + _MERGES * merges
+        - _MONO * min(rising, falling)
+        - _SUM * sum(r**_SUM_POWER for r in tiles)
+    )
+
+
+def board_value(board: list[list[int]]) -> float:
+    """The expert's heuristic value of a board: the sum of its rows' and columns' line values."""
+    return sum(_line_value(tuple(row)) for row in board) + sum(_line_value(col) for col in zip(*board, strict=True))
+
+
+def expectimax_values(board: list[list[int]], moves: dict[int, tuple[list[list[int]], int]]) -> dict[int, float]:
+    """Expected heuristic value of each legal move, searched two moves deep (move, random spawn, best next move).
+
+    Args:
+        board: the current board (it is not changed).
+        moves: the board after each legal move, before its spawn, and the merge score (`Game2048._moves`).
+
+    Returns:
+        {action: the spawn-averaged value of the best reply's board; dead boards count as 0}.
+    """
+    values = {}
+    for action, (moved, _) in moves.items():
+        after = [row[:] for row in moved]  # spawns are tried in place on a copy
+        empty = [(r, c) for r, row in enumerate(after) for c, v in enumerate(row) if v == 0]
+        total = 0.0
+        for r, c in empty:
+            for tile, p in ((2, 1 - _FOUR_PROBABILITY), (4, _FOUR_PROBABILITY)):
+                after[r][c] = tile
+                replies = [apply_move(after, a)[0] for a in range(4)]
+                total += p * max((board_value(b) for b in replies if b != after), default=0.0)
+            after[r][c] = 0
+        values[action] = total / len(empty)
+    return values
 
 
 class Game2048(Game):
@@ -126,6 +184,29 @@ class Game2048(Game):
 
     def legal_actions(self) -> list[int]:
         return [] if self.terminated else list(self._moves())
+
+    def expert_move(self) -> ExpertMove:
+        """Two-move expectimax over the spawns with a line heuristic (empty cells, merges, monotone rows and columns).
+
+        Raises:
+            ValueError: the episode is over (no legal move).
+        """
+        moves = self._moves() if not self.terminated else {}
+        if not moves:
+            raise ValueError("2048: the episode is over; there is no move to choose")
+        values = expectimax_values(self.board, moves)
+        action = max(values, key=values.get)
+        after, gained = moves[action]
+        empty = sum(v == 0 for row in after for v in row)
+        merge = f"merges tiles for +{gained}" if gained else "merges nothing"
+        top = max(max(row) for row in after)
+        corners = (after[0][0], after[0][-1], after[-1][0], after[-1][-1])
+        where = "in a corner" if top in corners else "off the corners"
+        reason = (
+            f"Legal moves: {', '.join(ACTIONS[a] for a in sorted(moves))}. Looking two moves ahead, {ACTIONS[action]} "
+            f"is best: it {merge}, leaves {empty} empty cells and keeps the largest tile, {top}, {where}."
+        )
+        return ExpertMove(action, reason)
 
     def parse_answer(self, answer: str) -> int | None:
         word = answer.strip().strip(".!\"'`()[]{}").strip().lower()

@@ -19,11 +19,12 @@ import bisect
 import copy
 import functools
 import re
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
-from envs.base import Game, Knob, StepResult, int_in
+from envs.base import ExpertMove, Game, Knob, StepResult, int_in
 from envs.render import (
     COLOURS,
     PERCEPTION_KNOBS,
@@ -39,6 +40,8 @@ EMPTY = -1  # board value of an empty cell
 EMPTY_TEXT = "-"
 Pair = tuple[tuple[int, int], tuple[int, int]]  # ((r1, c1), (r2, c2)), the first cell first in row-major order
 _CELL = r"[(\[]\s*(\d{1,3})\s*,\s*(\d{1,3})\s*[)\]]"
+# States the expert's clearing search may expand per move: ~20 us each on 6 x 6 boards, so at most ~0.1 s a move.
+EXPERT_SEARCH_STATES = 1000
 # Each optional separator owns the spaces after it, so that no two `\s*` meet: no slow backtracking on junk.
 _PAIR_RE = re.compile(rf"\s*{_CELL}\s*(?:(?:,|;|&|and|to|->|-|with)\s*)?{_CELL}\s*(?:\.\s*)?", re.IGNORECASE)
 
@@ -130,6 +133,25 @@ class JoinablePairs:
     def pair_at(self, k: int) -> Pair:
         """The k-th joinable pair in row-major order (`pairs()[k]` without listing them all)."""
         return self._pair(self.keys[k])
+
+    def safe_pair(self) -> Pair | None:
+        """A joinable pair that removing can never make regrettable, or None when there is none.
+
+        Removing tiles only empties cells, so a pair joinable now stays joinable, and removing a pair earlier than a
+        solution does keeps the rest of that solution valid: only how each type's tiles are paired matters, not the
+        order. So when the tiles left of a type can all be paired by pairs joinable now (2 tiles joinable, or 4 tiles
+        as two disjoint joinable pairs), removing one of those pairs keeps a clearable board clearable.
+        """
+        joinable: dict[int, list[tuple[int, int]]] = {}
+        for key in self.keys:
+            i, j = divmod(key, self.size)
+            joinable.setdefault(self.cells[i], []).append((i, j))
+        for t, cell_pairs in joinable.items():
+            left = len(self.by_type[t])
+            for k, (i, j) in enumerate(cell_pairs):
+                if left == 2 or any(not {i, j} & {a, b} for a, b in cell_pairs[k + 1 :]):
+                    return self._pair(i * self.size + j)
+        return None
 
     def remove(self, pair: Pair) -> bool:
         """Removes the two tiles of `pair` (canonical: first cell first) if they are joinable, and updates the
@@ -248,6 +270,49 @@ class JoinablePairs:
                 y += 1
 
 
+@dataclass
+class ClearingSearch:
+    """A depth-first search for the longest order of removals (ideally one that clears the board), bounded by a
+    number of expanded boards.
+
+    Each board tries a safe pair alone when it has one (`JoinablePairs.safe_pair`: nothing is lost), else every
+    joinable pair. A board reached again in another order is not searched again: how many pairs are removed and
+    what can follow depend on the board alone.
+
+    Attributes:
+        budget: boards that may still be expanded; `budget > 0` after `run` means the search was complete.
+        best: the longest order of removals found, from the board `run` started at.
+    """
+
+    budget: int
+    best: list[Pair] = field(default_factory=list)
+    seen: set[tuple[int, ...]] = field(default_factory=set)  # row bitmasks of the boards expanded
+
+    def run(self, pairs: JoinablePairs) -> bool:
+        """Searches from `pairs` (not changed); returns whether `best` clears the board."""
+        return self._search(pairs, [])
+
+    def _search(self, pairs: JoinablePairs, path: list[Pair]) -> bool:
+        if len(path) > len(self.best):
+            self.best = path[:]
+        if not pairs.tiles:
+            return True
+        key = tuple(pairs.bits[0])
+        if key in self.seen or self.budget <= 0:
+            return False
+        self.seen.add(key)
+        self.budget -= 1
+        safe = pairs.safe_pair()
+        for pair in [safe] if safe else pairs.pairs():
+            child = copy.deepcopy(pairs)
+            child.remove(pair)
+            path.append(pair)
+            if self._search(child, path):
+                return True
+            path.pop()
+        return False
+
+
 def connectable_pairs(board: np.ndarray) -> np.ndarray:
     """Every pair of same-type tiles joinable by a path of at most two turns (leaving the board by one cell at most).
 
@@ -355,6 +420,31 @@ class ShisenSho(Game):
         """The base class's draw (one index into `legal_actions()`), without listing the pairs."""
         n = 0 if self.terminated else len(self._pairs)
         return self._pairs.pair_at(int(rng.integers(n))) if n else None
+
+    def expert_move(self) -> ExpertMove:
+        """A joinable pair that keeps the board clearable: a safe pair if there is one, else the first pair of a
+        clearing order found by a bounded search; failing both, the pair that leaves the most pairs joinable.
+
+        Raises:
+            ValueError: the episode is over (no joinable pair).
+        """
+        if self.terminated:
+            raise ValueError("shisen_sho: the episode is over; there is no pair to choose")
+        words = self._views()[1]
+        n = len(self._pairs)
+        safe = self._pairs.safe_pair()
+        if safe:
+            (r1, c1), _ = safe
+            why = f"the {words[self.board[r1, c1]]} tiles left can all be paired now, so this blocks nothing"
+            return ExpertMove(safe, f"{n} pairs can be joined. I remove {self.format_action(safe)}: {why}.")
+        search = ClearingSearch(EXPERT_SEARCH_STATES)
+        if search.run(self._pairs):
+            why = f"a search found an order of {len(search.best)} removals starting with it that clears the board"
+        else:
+            verdict = "no order clears the board" if search.budget > 0 else "my search found no order that clears it"
+            why = f"{verdict}, and this starts the longest order of removals I found ({len(search.best)} pairs)"
+        action = search.best[0]
+        return ExpertMove(action, f"{n} pairs can be joined. I remove {self.format_action(action)}: {why}.")
 
     def parse_answer(self, answer: str) -> Pair | None:
         match = _PAIR_RE.fullmatch(answer)

@@ -12,12 +12,14 @@ was). Score: tiles cleared, cascades included. Swap has no natural end, so an ep
 from __future__ import annotations
 
 import functools
+import itertools
 import re
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
 
-from envs.base import Game, Knob, StepResult, int_in
+from envs.base import ExpertMove, Game, Knob, StepResult, int_in
 from envs.render import COLOURS, PERCEPTION_KNOBS, SHAPES, Style, Tile, cached_renderer, photo_class_count
 
 Cell = tuple[int, int]
@@ -61,6 +63,38 @@ def scoring_swaps(board: np.ndarray) -> list[Action]:
     found[:, :-1, 0] = differ_h & (makes_line(0, 1)[:, :-1] | makes_line(0, -1)[:, 1:])
     found[:-1, :, 1] = differ_v & (makes_line(1, 0)[:-1, :] | makes_line(-1, 0)[1:, :])
     return [((r, c), (r, c + 1) if k == 0 else (r + 1, c)) for r, c, k in np.argwhere(found).tolist()]
+
+
+def resolve(board: np.ndarray, fresh: Callable[[int], np.ndarray]) -> tuple[int, int]:
+    """Clears lines, drops tiles and refills, in place, until nothing lines up; returns (tiles cleared, waves).
+
+    Args:
+        board: (rows, cols) tile types, changed in place.
+        fresh: n -> (n,) the new tiles that drop into the top of a column, top to bottom.
+    """
+    cleared = waves = 0
+    while True:
+        mask = find_matches(board)
+        if not mask.any():
+            return cleared, waves
+        cleared += int(mask.sum())
+        waves += 1
+        rows = board.shape[0]
+        for c in np.flatnonzero(mask.any(axis=0)).tolist():
+            kept = board[~mask[:, c], c]  # survivors of the column, top to bottom
+            board[:, c] = np.concatenate([fresh(rows - len(kept)), kept])
+
+
+def visible_clears(board: np.ndarray, action: Action) -> tuple[int, int]:
+    """(tiles cleared, waves) of a swap counting only the tiles on the board: new tiles are unknown, none matches.
+
+    What a player can work out from the board alone (the game's rng decides what drops in), and the expert's measure.
+    """
+    (r1, c1), (r2, c2) = action
+    board = board.copy()
+    board[r1, c1], board[r2, c2] = board[r2, c2], board[r1, c1]
+    unknown = itertools.count(-1, -1)  # distinct negative stand-ins: never equal to each other or to a tile
+    return resolve(board, lambda n: np.fromiter(itertools.islice(unknown, n), dtype=board.dtype, count=n))
 
 
 class Swap(Game):
@@ -164,6 +198,27 @@ class Swap(Game):
     def legal_actions(self) -> list[Action]:
         return [] if self.terminated else list(self._legal)
 
+    def expert_move(self) -> ExpertMove:
+        """The scoring swap that clears the most tiles that can be seen (`visible_clears`); ties go to the lowest
+        swap, where more tiles fall and unseen cascades are likelier.
+
+        Raises:
+            ValueError: the episode is over.
+        """
+        if self.terminated:
+            raise ValueError("swap: the episode is over; there is no swap to choose")
+        clears = {action: visible_clears(self.board, action) for action in self._legal}
+        action = max(self._legal, key=lambda a: (clears[a][0], a[1][0]))
+        cleared, waves = clears[action]
+        cascade = f" in {waves} waves" if waves > 1 else ""
+        tied = sum(c == cleared for c, _ in clears.values()) > 1
+        rank = "tied for the most, and the lowest of those swaps (more tiles fall)" if tied else "the most of any swap"
+        reason = (
+            f"{len(clears)} swaps line up tiles. Swapping {self.format_action(action)} clears {cleared} of the tiles "
+            f"on the board{cascade}: {rank}."
+        )
+        return ExpertMove(action, reason)
+
     def parse_answer(self, answer: str) -> Action | None:
         pairs = _PAIR.findall(answer)
         if len(pairs) != 2:
@@ -181,7 +236,7 @@ class Swap(Game):
         (r1, c1), (r2, c2) = action
         board = self.board
         board[r1, c1], board[r2, c2] = board[r2, c2], board[r1, c1]
-        cleared, waves = self._resolve()
+        cleared, waves = resolve(board, lambda n: self.rng.integers(self.n_types, size=n))
         self.score += cleared
         self.steps += 1
         self._legal = scoring_swaps(self.board)
@@ -189,21 +244,6 @@ class Swap(Game):
             self._reshuffle()
         self.terminated = self.steps >= self.difficulty["max_moves"]
         return StepResult(1.0, self.terminated, {"valid": True, "cleared": cleared, "cascades": waves - 1})
-
-    def _resolve(self) -> tuple[int, int]:
-        """Clears lines, drops tiles and refills until nothing lines up; returns (tiles cleared, waves)."""
-        cleared = waves = 0
-        while True:
-            mask = find_matches(self.board)
-            if not mask.any():
-                return cleared, waves
-            cleared += int(mask.sum())
-            waves += 1
-            rows = self.board.shape[0]
-            for c in np.flatnonzero(mask.any(axis=0)).tolist():
-                kept = self.board[~mask[:, c], c]  # survivors of the column, top to bottom
-                fresh = self.rng.integers(self.n_types, size=rows - len(kept))
-                self.board[:, c] = np.concatenate([fresh, kept])
 
     # ---- observation -------------------------------------------------------------------------------------------------
     def tile_name(self, t: int) -> str:
