@@ -35,27 +35,57 @@ CPU_ACTOR_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+# Added to every actor's environment unless trainer.verbose: the components' chatter stays out of the console (vLLM
+# warns on every weight reload about modules that hold buffers only, DeepSpeed's calls raise torch FutureWarnings,
+# transformers draws a progress bar per model load). Errors still show, and `ray logs` keeps each actor's output.
+QUIET_ACTOR_ENV = {
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
 
 
-def connect(num_cpus: int | None = None) -> str:
+def connect(num_cpus: int | None = None, verbose: bool = False) -> str:
     """Joins the cluster named by RAY_ADDRESS (set by `ray job submit`; `RAY_ADDRESS=auto` for one started with
-    `ray start` on this machine), else starts a local one for this run only.
+    `ray start` on this machine), else starts a local one for this run only. Quiet unless `verbose` (QUIET_ACTOR_ENV).
 
     Returns:
         "cluster" or "local", for the start-up line.
     """
     if ray.is_initialized():
         return "cluster"
-    env_vars = {k: os.environ.get(k, v) for k, v in CPU_ACTOR_ENV.items()}
+    defaults = CPU_ACTOR_ENV if verbose else {**CPU_ACTOR_ENV, **QUIET_ACTOR_ENV}
+    env_vars = {k: os.environ.get(k, v) for k, v in defaults.items()}
     if "HF_HUB_OFFLINE" in os.environ:  # the actors load models as the driver does
         env_vars["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     runtime_env = {"env_vars": env_vars}
+    logging_level = logging.INFO if verbose else logging.WARNING
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(namespace=NAMESPACE, runtime_env=runtime_env)
+        ray.init(namespace=NAMESPACE, runtime_env=runtime_env, logging_level=logging_level)
         return "cluster"
     cpus = max(num_cpus or 0, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, runtime_env=runtime_env)
+    ray.init(
+        num_cpus=cpus,
+        namespace=NAMESPACE,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        logging_level=logging_level,
+    )
     return "local"
+
+
+def quiet_driver() -> None:
+    """The driver's share of a quiet run (QUIET_ACTOR_ENV): its own warnings, logs and progress bars."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.simplefilter("ignore", category)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    os.environ.update({k: v for k, v in QUIET_ACTOR_ENV.items() if k not in os.environ})
 
 
 def cluster_gpus() -> int:

@@ -59,7 +59,9 @@ def main(overrides: list[str]) -> None:
     except (ValueError, HydraException, OmegaConfBaseException) as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-    where = cluster.connect(num_cpus=cluster.cpus_needed(config))
+    if not config.trainer.verbose:
+        cluster.quiet_driver()
+    where = cluster.connect(num_cpus=cluster.cpus_needed(config), verbose=config.trainer.verbose)
     config = choose_model(overrides, config, auto)
     gpu = cluster.use_gpu(config)
     model = resolve_model(config.model.name, config.model.path)
