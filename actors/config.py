@@ -35,7 +35,7 @@ class RolloutConfig:
         states_per_round: states each actor prepares per generation round (one `generate` call of
             states_per_round x G samples).
         temperature: sampling temperature (1.0 keeps the sampler's log-probs those of the policy).
-        top_p: nucleus sampling mass (1.0 keeps the sampler's log-probs those of the policy).
+        top_p: nucleus sampling mass; only 1.0 (no nucleus) is accepted, as the learner does not renormalise.
         max_new_tokens: response length cap; longer responses are cut (and marked unfinished).
         seed: base seed; actor i seeds its engine with seed + i (and its game pool with the pool's seed + i).
         gpu_memory_utilization: fraction of GPU memory vLLM may take (GPU only; on CPU see cpu_kv_cache_gib).
@@ -70,7 +70,9 @@ class RolloutConfig:
             _check(_is_int(value) and value >= 1, key, "an integer >= 1", value)
         _check(_is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
         _check(_is_number(self.temperature) and self.temperature > 0, "temperature", "a number > 0", self.temperature)
-        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
+        # vLLM reports log-probs after top-p's renormalisation, which the learner does not reproduce: its ratios and
+        # importance weights would then compare two different distributions.
+        _check(_is_number(self.top_p) and self.top_p == 1, "top_p", "1.0 (the learner has no top-p)", self.top_p)
         util = self.gpu_memory_utilization
         _check(_is_number(util) and 0 < util <= 1, "gpu_memory_utilization", "a number in (0, 1]", util)
         gib = self.cpu_kv_cache_gib

@@ -225,6 +225,7 @@ def resolve(cfg: DictConfig | Mapping[str, Any]) -> TrainConfig:
             "seed": seed,
             "max_response_len": actors.max_new_tokens,
             **(raw.get("learner") or {}),
+            "temperature": actors.temperature,  # the learner scores the distribution the actors sample from
             "model_dir": "<resolved at start>",
         },
         "learner",

@@ -6,6 +6,12 @@ a group is processed once and shared by its G samples; each micro-batch concaten
 Layout of one sample: `input_ids = prompt_ids + response_ids`. The logits at position `P - 1 + t` predict response
 token `t`, so a micro-batch asks the model for the logits of positions `keep` only (the span covering every response
 of the micro-batch) and `index` picks each sample's positions out of that span.
+
+Positions: vLLM samples with Qwen2.5-VL's multimodal RoPE (image tokens at (t, h, w) grid positions, the text after
+them shifted accordingly). Transformers builds those positions only when the forward gets `mm_token_type_ids` (1 on
+image tokens); without them every axis counts 0, 1, 2, ... and the learner scores a differently positioned model.
+`collate` therefore always fills `mm_token_type_ids`; the model's `get_rope_index` skips right padding through the
+attention mask.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class MicroBatch:
 
     input_ids: torch.Tensor  # (B, L) right-padded
     attention_mask: torch.Tensor  # (B, L)
+    mm_token_type_ids: torch.Tensor  # (B, L) int32: 1 on image tokens, 0 elsewhere (selects the 3-D positions)
     pixel_values: torch.Tensor  # (sum of patches, D)
     image_grid_thw: torch.Tensor  # (B, 3): one image per sample
     keep: torch.Tensor  # (K,) positions whose logits are computed
@@ -122,6 +129,7 @@ def collate(
     response_len: int,
     pad_id: int,
     filler_id: int,
+    image_token_id: int,
     device: torch.device,
 ) -> MicroBatch:
     """Pads a few samples into one micro-batch.
@@ -133,6 +141,7 @@ def collate(
             and rank keeps Dr.GRPO's constant normaliser constant.
         pad_id: input padding id (masked out by the attention mask).
         filler_id: an allowed token id written where targets are padding, so the gather never reads a -inf logit.
+        image_token_id: the `<|image_pad|>` id (`config.image_token_id`); responses never hold it (actors/vocab.py).
         device: where the tensors go.
     """
     prompt_lens = [len(s.prompt_ids) for s in samples]
@@ -156,6 +165,7 @@ def collate(
     return MicroBatch(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
+        mm_token_type_ids=(input_ids == image_token_id).to(device, torch.int32),
         pixel_values=torch.cat([images[s.image].pixel_values for s in samples]).to(device),
         image_grid_thw=torch.cat([images[s.image].image_grid_thw for s in samples]).to(device),
         keep=keep.to(device),

@@ -103,6 +103,9 @@ class LearnerConfig:
     max_response_len: int | None = None
     """The Dr.GRPO normaliser (seq-mean-token-sum-norm divides each response's token sum by this constant); the
     trainer sets it to actors.max_new_tokens. None: the batch's longest response."""
+    temperature: float = 1.0
+    """The actors' sampling temperature (the trainer copies actors.temperature): the learner divides its logits by it,
+    so its log-probs are those of the distribution vLLM sampled from (vLLM's processed log-probs)."""
     seed: int = 0
     """Seeds torch, numpy and random on every rank (the same on all ranks: ranks see different data)."""
 
@@ -118,6 +121,7 @@ class LearnerConfig:
         _require(betas_ok, "learner.betas", "two numbers in [0, 1)", self.betas)
         _require(self.warmup_steps >= 0, "learner.warmup_steps", "an integer >= 0", self.warmup_steps)
         _require(self.grad_clip >= 0.0, "learner.grad_clip", "a number >= 0", self.grad_clip)
+        _require(self.temperature > 0.0, "learner.temperature", "a number > 0", self.temperature)
         _require(self.micro_batch_size >= 1, "learner.micro_batch_size", "an integer >= 1", self.micro_batch_size)
         cap = self.max_response_len
         _require(cap is None or cap >= 1, "learner.max_response_len", "None or an integer >= 1", cap)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch._dynamo  # noqa: F401  (imported for its side effect, before deepspeed)
 import torch.distributed as dist
+import torch.utils.checkpoint
 from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 import deepspeed  # isort: skip
@@ -46,15 +47,21 @@ logger = logging.getLogger(__name__)
 
 # Per-token metrics, averaged over the update's tokens on all ranks (loss terms as aggregated per micro-batch).
 _TOKEN_METRICS = ("loss/policy", "loss/kl", "loss/total", "policy/entropy", "policy/clip_fraction", "policy/approx_kl")
+# Sampler-vs-learner metrics of the first pass's tokens (before any optimizer step of the update moved the policy).
+_FIRST_PASS_METRICS = ("policy/logprob_diff", "policy/is_mean", "policy/is_truncated_share")
 _SUM_KEYS = (
     *_TOKEN_METRICS,
     "tokens",
-    "policy/logprob_diff",
+    *_FIRST_PASS_METRICS,
     "first_pass_tokens",
     "optim/grad_norm",
     "optim/steps",
     "optim/skipped_steps",
 )
+_MAX_KEYS = ("policy/is_max",)
+# Rows x positions of logits normalised at once: bounds the fp32 (rows, V) temporaries of the log-softmax and
+# entropy (4096 x 151936 x 4 bytes = 2.5 GB for Qwen2.5-VL's vocabulary) whatever the response length.
+_LOGIT_CHUNK_ROWS = 4096
 
 
 class Learner:
@@ -133,6 +140,7 @@ class Learner:
         self.banned = torch.ones(vocab, dtype=torch.bool, device=self.device)  # (V,)
         self.banned[allowed] = False
         self.pad_id = tokenizer.pad_token_id
+        self.image_token_id = model.config.image_token_id
         self.filler_id = int(allowed[0])
 
     def _deepspeed_config(self, cuda: bool) -> dict[str, Any]:
@@ -171,7 +179,9 @@ class Learner:
 
         Returns:
             `loss/policy`, `loss/kl`, `loss/total`, `policy/entropy`, `policy/clip_fraction`, `policy/approx_kl`,
-            `policy/logprob_diff` (mean |learner - sampler| log-prob, before the update), `optim/grad_norm`,
+            `policy/logprob_diff` (mean |learner - sampler| log-prob, before the update), `policy/is_mean`,
+            `policy/is_max`, `policy/is_truncated_share` (the importance weight learner/sampler before its
+            truncation at `grpo.is_cap`, over the same tokens), `optim/grad_norm`,
             `optim/lr`, `optim/steps`, `optim/skipped_steps` (in this update), `perf/update_s`.
         """
         start = time.perf_counter()
@@ -197,7 +207,7 @@ class Learner:
         if self.reference is not None:
             self._precompute(samples, images, response_len, self.reference, "ref_logprobs")
 
-        sums = dict.fromkeys(_SUM_KEYS, 0.0)
+        sums = dict.fromkeys((*_SUM_KEYS, *_MAX_KEYS), 0.0)
         for epoch in range(self.grpo.ppo_epochs):
             for indices in minibatches:
                 self._train_minibatch([samples[i] for i in indices], images, response_len, sums, epoch == 0)
@@ -205,37 +215,102 @@ class Learner:
         return self._reduce_metrics(sums, time.perf_counter() - start)
 
     def _micro_batches(self, samples: list[Sample], images, response_len: int) -> list[MicroBatch]:
-        size = self.config.micro_batch_size
+        size, ids = self.config.micro_batch_size, (self.pad_id, self.filler_id, self.image_token_id)
         return [
-            collate(samples[i : i + size], images, response_len, self.pad_id, self.filler_id, self.device)
+            collate(samples[i : i + size], images, response_len, *ids, self.device)
             for i in range(0, len(samples), size)
         ]
 
-    def _logprobs(self, engine, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) log-probs of the response tokens and the (B, T, V) float32 logits, under the allowed-token mask."""
+    def _logprobs(
+        self, engine, mb: MicroBatch, temperature: float, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs of the response tokens as vLLM's sampler reports them ("processed" log-probs).
+
+        That is: the model run with the multimodal RoPE positions (`mb.mm_token_type_ids`), its logits divided by
+        the sampling temperature, banned tokens masked (actors/vocab.py), then normalised. The normaliser is a
+        logsumexp over chunks of positions, each recomputed in backward (checkpointed), and only the target logits
+        are gathered: beside the model's own (B, K, V) logits no full-vocabulary copy is kept.
+
+        Args:
+            engine: the DeepSpeed engine (policy or reference) to run.
+            mb: a micro-batch from `collate`.
+            temperature: the actors' sampling temperature (`learner.temperature`).
+            with_entropy: also return the entropies, which carry a graph only when grad is enabled and
+                `grpo.entropy_coef > 0` (otherwise they are logged only, computed without one).
+
+        Returns:
+            `(B, T)` log-probs (with grad when grad is enabled), and `(B, T)` entropies in nats or None.
+        """
         out = engine(
             input_ids=mb.input_ids,
             attention_mask=mb.attention_mask,
+            mm_token_type_ids=mb.mm_token_type_ids,
             pixel_values=mb.pixel_values,
             image_grid_thw=mb.image_grid_thw,
             logits_to_keep=mb.keep,
             use_cache=False,
         )
-        vocab = out.logits.shape[-1]
-        logits = out.logits.gather(1, mb.index[..., None].expand(-1, -1, vocab))  # (B, T, V)
-        # The same mask vLLM samples under (allowed_token_ids): banned tokens get probability 0 here too.
-        logits = logits.float().masked_fill(self.banned, float("-inf"))
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, mb.targets[..., None]).squeeze(-1)  # (B, T)
-        return logprobs, logits
+        logits = out.logits  # (B, K, V)
+        entropy_grad = torch.is_grad_enabled() and self.grpo.entropy_coef > 0
+        step = max(1, _LOGIT_CHUNK_ROWS // logits.shape[0])
+        normalisers, entropies = [], []
+        for lo in range(0, logits.shape[1], step):
+            chunk = logits[:, lo : lo + step]  # (B, k, V)
+            if torch.is_grad_enabled():
+                lse, entropy = torch.utils.checkpoint.checkpoint(
+                    self._normalise, chunk, temperature, with_entropy, entropy_grad, use_reentrant=False
+                )
+            else:
+                lse, entropy = self._normalise(chunk, temperature, with_entropy, False)
+            normalisers.append(lse)
+            entropies.append(entropy)
+        rows = torch.arange(logits.shape[0], device=logits.device)[:, None]  # (B, 1)
+        target_logits = logits[rows, mb.index, mb.targets].float() / temperature  # (B, T)
+        logprobs = target_logits - torch.cat(normalisers, dim=1).gather(1, mb.index)  # (B, T)
+        entropy = torch.cat(entropies, dim=1).gather(1, mb.index) if with_entropy else None  # (B, T)
+        return logprobs, entropy
+
+    def _normalise(
+        self, logits: torch.Tensor, temperature: float, with_entropy: bool, entropy_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, k) logsumexp of `logits / temperature` over the allowed tokens, and the entropies when asked."""
+        scaled = logits.float() / temperature  # (B, k, V): the one fp32 temporary (two in bf16)
+        scaled.masked_fill_(self.banned, float("-inf"))  # the same mask vLLM samples under (allowed_token_ids)
+        entropy = None
+        if with_entropy:
+            with torch.set_grad_enabled(entropy_grad):
+                entropy = entropy_from_logits(scaled)
+        return torch.logsumexp(scaled, dim=-1), entropy
 
     @torch.no_grad()
     def _precompute(self, samples: list[Sample], images, response_len: int, engine, field: str) -> None:
         """Stores each sample's log-probs under `engine`'s current weights (old policy or reference) in `field`."""
         size = self.config.micro_batch_size
         for i, mb in enumerate(self._micro_batches(samples, images, response_len)):
-            logprobs, _ = self._logprobs(engine, mb)
+            logprobs, _ = self._logprobs(engine, mb, self.config.temperature)
             for sample, row in zip(samples[i * size : (i + 1) * size], logprobs.cpu(), strict=True):
                 setattr(sample, field, row[: sample.response_len].clone())
+
+    @torch.no_grad()
+    def response_logprobs(self, groups: list[TrajectoryGroup | Any]) -> list[list[list[float]]]:
+        """Each response's token log-probs under the current weights, computed as the loss computes them.
+
+        At the weights a vLLM engine sampled with, these are the engine's sampling log-probs up to float rounding:
+        the learner/sampler parity check (bench/logprob_parity.py) compares the two. Collective under ZeRO-3 (every
+        rank calls it, with equal numbers of groups) like `update`.
+
+        Args:
+            groups: trajectory groups, or references to them (see `update`).
+
+        Returns:
+            `[group][response][token]` log-probs.
+        """
+        groups = [_resolve(g) for g in groups]
+        samples, images = encode_groups(groups, self.processor, self.grpo.normalize_std, self.grpo.adv_eps)
+        response_len = max((s.response_len for s in samples), default=1)
+        self._precompute(samples, images, response_len, self.engine, "old_logprobs")
+        rows = iter([s.old_logprobs.tolist() for s in samples])
+        return [[next(rows) for _ in group.response_ids] for group in groups]
 
     def _sum_norm_scale(self, response_len: int) -> float:
         """Dr.GRPO divides each sequence's token sum by a constant, the response cap (`max_response_len`); the
@@ -257,9 +332,8 @@ class Learner:
         micro = self._micro_batches(samples, images, response_len)
         total_units = float(self._all_reduce(torch.tensor([sum(self._units(mb.mask) for mb in micro)])))
         for mb in micro:
-            logprobs, logits = self._logprobs(self.engine, mb)
-            with torch.set_grad_enabled(g.entropy_coef > 0):  # (B, T, V) temporaries: no graph unless trained on
-                entropy = aggregate(entropy_from_logits(logits), mb.mask, g.loss_agg)
+            logprobs, entropies = self._logprobs(self.engine, mb, self.config.temperature, with_entropy=True)
+            entropy = aggregate(entropies, mb.mask, g.loss_agg)
             old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()  # (B, T)
             is_weights = truncated_is_weights(old, mb.sampler_logprobs, g.is_cap) if g.is_cap else None
             pg_loss, pg_metrics = policy_loss(
@@ -279,8 +353,7 @@ class Learner:
                 sums[key] += value * tokens
             sums["tokens"] += tokens
             if first_pass:
-                sums["policy/logprob_diff"] += float(torch.where(mb.mask, (old - mb.sampler_logprobs).abs(), 0.0).sum())
-                sums["first_pass_tokens"] += tokens
+                self._sum_sampler_metrics(old.detach(), mb, sums)
         self.engine.step()
         # DeepSpeed's ZeRO-3 step already refuses non-finite gradients (NaN/inf loss included): it zeroes them and
         # leaves weights, optimizer state and the lr schedule untouched. We count and report the skip.
@@ -293,13 +366,34 @@ class Learner:
             if self.rank == 0:
                 logger.warning("skipped optimizer step in update %d: non-finite loss or gradients", self.step)
 
+    def _sum_sampler_metrics(self, old: torch.Tensor, mb: MicroBatch, sums: dict[str, float]) -> None:
+        """Adds a first-pass micro-batch's learner-vs-sampler figures: |old - sampler| log-prob, and the importance
+        weight old/sampler before truncation (its sum, its max, how many tokens `grpo.is_cap` truncates)."""
+        weights = torch.exp(old - mb.sampler_logprobs)  # (B, T)
+        cap = self.grpo.is_cap if self.grpo.is_cap is not None else float("inf")
+        values = torch.stack(
+            [
+                torch.where(mb.mask, (old - mb.sampler_logprobs).abs(), 0.0).sum(),
+                torch.where(mb.mask, weights, 0.0).sum(),
+                (mb.mask & (weights > cap)).sum(),
+                mb.mask.sum(),
+                torch.where(mb.mask, weights, 0.0).max(),
+            ]
+        ).tolist()
+        for key, value in zip((*_FIRST_PASS_METRICS, "first_pass_tokens"), values, strict=False):
+            sums[key] += value
+        sums["policy/is_max"] = max(sums["policy/is_max"], values[-1])
+
     def _reduce_metrics(self, sums: dict[str, float], elapsed: float) -> dict[str, float]:
-        # Every rank sums the same keys (_SUM_KEYS) in one all-reduce; step counters are global already, so /W.
+        # Every rank sums the same keys (_SUM_KEYS) in one all-reduce and maxes _MAX_KEYS in another; step counters
+        # are global already, so /W.
         totals = dict(
             zip(_SUM_KEYS, self._all_reduce(torch.tensor([sums[k] for k in _SUM_KEYS])).tolist(), strict=True)
         )
+        maxima = self._all_reduce(torch.tensor([sums[k] for k in _MAX_KEYS]), dist.ReduceOp.MAX).tolist()
         metrics = {k: totals[k] / max(totals["tokens"], 1.0) for k in _TOKEN_METRICS}
-        metrics["policy/logprob_diff"] = totals["policy/logprob_diff"] / max(totals["first_pass_tokens"], 1.0)
+        metrics.update({k: totals[k] / max(totals["first_pass_tokens"], 1.0) for k in _FIRST_PASS_METRICS})
+        metrics.update(zip(_MAX_KEYS, maxima, strict=True))
         steps = totals["optim/steps"] / self.world_size
         metrics["optim/grad_norm"] = totals["optim/grad_norm"] / self.world_size / steps if steps else 0.0
         metrics["optim/steps"] = steps

@@ -89,7 +89,7 @@ def test_bad_config_names_the_key_and_the_allowed_values(overrides, names):
 DERIVED = {
     "pool": {"games", "seed"},
     "actors": {"seed"},
-    "learner": {"seed", "model_dir", "max_response_len"},
+    "learner": {"seed", "model_dir", "max_response_len", "temperature"},
     "buffer": {"get_timeout_s"},
 }
 

@@ -25,7 +25,10 @@ def test_index_selects_the_positions_that_predict_each_response_token(processor,
     samples, images = encode_groups(make_groups(3, seed=1), processor, normalize_std=True, eps=1e-6)
     picked = [samples[0], samples[5], samples[10]]  # three groups: different prompt and response lengths
     response_len = max(s.response_len for s in picked) + 3
-    mb = collate(picked, images, response_len, pad_id=0, filler_id=7, device=torch.device("cpu"))
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    mb = collate(
+        picked, images, response_len, pad_id=0, filler_id=7, image_token_id=image_pad, device=torch.device("cpu")
+    )
     # A "model" whose logits at position p are the one-hot of the true next input token: the gathered logits must
     # then name each response token exactly, wherever the sample's prompt ends.
     vocab = int(mb.input_ids.max()) + 1
@@ -37,6 +40,10 @@ def test_index_selects_the_positions_that_predict_each_response_token(processor,
     assert (mb.targets[~mb.mask] == 7).all()  # padding targets hold the allowed filler id, never a banned id
     assert mb.pixel_values.shape[0] == int(mb.image_grid_thw.prod(dim=1).sum())
     assert mb.sampler_logprobs.shape == (3, response_len) and mb.old_logprobs is None
+    # The image tokens, and only they, select Qwen2.5-VL's 3-D positions: one image's worth per sample.
+    tokens_per_image = (mb.image_grid_thw.prod(dim=1) // processor.image_processor.merge_size**2).tolist()
+    assert mb.mm_token_type_ids.sum(dim=1).tolist() == tokens_per_image
+    assert torch.equal(mb.mm_token_type_ids.bool(), mb.input_ids == image_pad)
 
 
 def test_prompt_image_mismatch_is_rejected(processor, make_groups):
