@@ -71,7 +71,7 @@ class MicroBatch:
 
 
 def encode_groups(
-    groups: list[TrajectoryGroup], processor, normalize_std: bool, eps: float
+    groups: list[TrajectoryGroup], processor, normalize_std: bool, eps: float, unbiased_std: bool = True
 ) -> tuple[list[Sample], list[ImageInputs]]:
     """Processes each group's image once and turns its G responses into samples with group-relative advantages.
 
@@ -80,6 +80,7 @@ def encode_groups(
         processor: the model directory's processor (its image processor and tokenizer are used).
         normalize_std: GRPO (True) or Dr.GRPO (False) advantages.
         eps: added to the group std.
+        unbiased_std: the unbiased group std (ddof 1) rather than the population std (see `group_advantages`).
 
     Raises:
         ValueError: when a prompt's image-pad count does not match the processed image (the actor and the learner
@@ -100,7 +101,8 @@ def encode_groups(
                 "the actor's engine and the learner must use the same processor (model directory)"
             )
         images.append(ImageInputs(out["pixel_values"], grid))
-        advantages = group_advantages(torch.from_numpy(group.total_rewards())[None], normalize_std, eps)[0]  # (G,)
+        rewards = torch.from_numpy(group.total_rewards())[None]  # (1, G)
+        advantages = group_advantages(rewards, normalize_std, eps, unbiased_std)[0]  # (G,)
         for ids, logprobs, adv in zip(group.response_ids, group.response_logprobs, advantages.tolist(), strict=True):
             if len(ids) != len(logprobs):
                 raise ValueError(f"group {group.state_id}: {len(ids)} response ids but {len(logprobs)} log-probs")

@@ -37,6 +37,8 @@ class GRPOConfig:
     """How token losses become one number: one of LOSS_AGGREGATIONS (Dr.GRPO: seq-mean-token-sum-norm)."""
     normalize_std: bool = True
     """Divide group-centred rewards by the group std (GRPO); False gives Dr.GRPO's unscaled advantages."""
+    unbiased_std: bool = True
+    """The group std is the unbiased one (ddof 1, torch.std, as EasyR1 and verl); False: the population std."""
     adv_eps: float = 1e-6
     """Added to the group std before dividing."""
     kl_coef: float = 0.0

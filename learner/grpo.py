@@ -21,6 +21,9 @@ from torch import Tensor
 
 # exp() of a log-ratio beyond this is treated as saturated; verl clamps at the same bound.
 _MAX_LOGRATIO = 20.0
+# Bound of one token's k3 KL estimate (verl's low_var_kl and OpenRLHF clamp at the same value): a single token far from
+# the reference would otherwise contribute up to exp(20) and swamp the rest of the batch's KL term.
+_MAX_TOKEN_KL = 10.0
 
 FnT = TypeVar("FnT", bound=Callable[..., Tensor])
 
@@ -63,17 +66,17 @@ KL_ESTIMATORS: Registry[Callable[[Tensor], Tensor]] = Registry("KL estimator")
 
 
 def group_advantages(
-    rewards: Tensor, normalize_std: bool = True, eps: float = 1e-6, unbiased_std: bool = False
+    rewards: Tensor, normalize_std: bool = True, eps: float = 1e-6, unbiased_std: bool = True
 ) -> Tensor:
     """Group-relative advantages: each response's reward against the other responses to the same state.
 
     GRPO (and G1's recipe) uses `(r - mean) / (std + eps)`; Dr.GRPO drops the division (`normalize_std=False`)
     because scaling by 1/std over-weights groups whose rewards barely differ (too easy or too hard states).
 
-    The std is the population std (ddof 0) by default, which gives the issue's figures: `[1, 1, 1, 0]` ->
-    `+0.577, +0.577, +0.577, -1.732`. EasyR1 and verl call `torch.std`, the unbiased std (ddof 1), which gives
-    `+0.5, +0.5, +0.5, -1.5` on the same group: pass `unbiased_std=True` to match them exactly. The two differ by
-    the constant factor sqrt((G - 1) / G) for every group of size G, i.e. only in the effective learning rate.
+    The std is the unbiased std (ddof 1) by default, as the paper's EasyR1 and verl compute it (`torch.std`):
+    `[1, 1, 1, 0]` -> `+0.5, +0.5, +0.5, -1.5`. `unbiased_std=False` gives the population std (ddof 0):
+    `+0.577, +0.577, +0.577, -1.732` on the same group. The two differ by the constant factor sqrt((G - 1) / G) for
+    every group of size G, i.e. only in the effective learning rate.
 
     A group whose rewards are all equal carries no learning signal and gets exactly zero advantage (never NaN or
     eps-amplified rounding error); so does every group of size 1.
@@ -82,7 +85,7 @@ def group_advantages(
         rewards: `(num_groups, G)` total reward of each of the G responses sampled from one state.
         normalize_std: Divide by the group std (GRPO); False gives Dr.GRPO's `r - mean`.
         eps: Added to the std before dividing, so near-identical rewards don't explode.
-        unbiased_std: Use the unbiased std (ddof 1, torch.std's default) instead of the population std.
+        unbiased_std: Use the unbiased std (ddof 1, torch.std's default); False: the population std (ddof 0).
 
     Returns:
         `(num_groups, G)` advantages, floating point.
@@ -253,9 +256,10 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor
 
     With logratio = logprobs - ref_logprobs (tokens sampled from the policy): k1 = logratio (unbiased, can be
     negative, high variance); k2 = logratio^2 / 2 (biased, low variance, >= 0); k3 = exp(-logratio) + logratio - 1
-    (unbiased, >= 0, low variance; G1's choice with coefficient 1e-2). The log-ratio is clamped to [-20, 20] as verl
-    does for k3, which also keeps the k1/k2 gradients finite on -inf padding; a NaN from -inf - -inf (padding in
-    both) becomes 0 with zero gradient. Reduce the result with `aggregate(kl, mask, agg)`.
+    (unbiased, >= 0, low variance; G1's choice with coefficient 1e-2). The log-ratio is clamped to [-20, 20], which
+    keeps the k1/k2 gradients finite on -inf padding; a NaN from -inf - -inf (padding in both) becomes 0 with zero
+    gradient. Each token's k3 is then capped at 10, as verl and OpenRLHF do: one token far off the reference must not
+    dominate the batch's KL (beyond the cap its gradient is zero). Reduce the result with `aggregate(kl, mask, agg)`.
 
     Args:
         logprobs: `(B, T)` log-probs of the response tokens under the policy (with grad).
@@ -285,7 +289,7 @@ def _kl_k2(logratio: Tensor) -> Tensor:
 @KL_ESTIMATORS.register("k3")
 def _kl_k3(logratio: Tensor) -> Tensor:
     # exp(x) - x - 1 with x = ref - logp; expm1 keeps precision when the two models nearly agree.
-    return torch.expm1(-logratio) + logratio
+    return (torch.expm1(-logratio) + logratio).clamp(max=_MAX_TOKEN_KL)
 
 
 def truncated_is_weights(learner_old_logprobs: Tensor, sampler_logprobs: Tensor, cap: float) -> Tensor:

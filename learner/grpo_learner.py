@@ -194,7 +194,8 @@ class Learner:
                 "rank %d: %d groups of this batch were lost with their actor; skipping the update", self.rank, lost
             )
             return {"learner/skipped_update": 1.0, "learner/lost_groups": float(lost)}
-        samples, images = encode_groups(groups, self.processor, self.grpo.normalize_std, self.grpo.adv_eps)
+        g = self.grpo
+        samples, images = encode_groups(groups, self.processor, g.normalize_std, g.adv_eps, g.unbiased_std)
         counts = self._all_reduce(torch.tensor([len(samples), -len(samples)]), dist.ReduceOp.MAX).tolist()
         if counts[0] != -counts[1]:
             raise ValueError(f"learner ranks got unequal numbers of samples ({-counts[1]}..{counts[0]}): shard evenly")

@@ -29,14 +29,16 @@ def _allclose(actual: torch.Tensor, expected: list | torch.Tensor, atol: float =
 # ---------------------------------------------------------------- advantages
 
 
-def test_issue_example_population_std_by_default():
-    adv = group_advantages(torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
-    assert _allclose(adv, [[0.57735, 0.57735, 0.57735, -1.73205]], atol=1e-4)
-
-
-def test_issue_example_unbiased_std_matches_torch_std():
-    adv = group_advantages(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), unbiased_std=True)
+def test_unbiased_std_by_default_as_torch_std_in_easyr1_and_verl():
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv = group_advantages(rewards)
     assert _allclose(adv, [[0.5, 0.5, 0.5, -1.5]], atol=1e-5)
+    assert _allclose(adv, (rewards - rewards.mean()) / (rewards.std() + 1e-6))
+
+
+def test_population_std_on_request():
+    adv = group_advantages(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), unbiased_std=False)
+    assert _allclose(adv, [[0.57735, 0.57735, 0.57735, -1.73205]], atol=1e-4)
 
 
 def test_dr_grpo_only_centres():
@@ -79,7 +81,7 @@ def test_advantages_reject_non_2d_rewards():
 
 def test_integer_rewards_give_float_advantages():
     adv = group_advantages(torch.tensor([[1, 0]]))
-    assert adv.is_floating_point() and _allclose(adv, [[1.0, -1.0]], atol=1e-5)
+    assert adv.is_floating_point() and _allclose(adv, [[0.5**0.5, -(0.5**0.5)]], atol=1e-5)  # unbiased std 2**-0.5
 
 
 # ---------------------------------------------------------------- policy loss: clipping
@@ -304,10 +306,19 @@ def test_k1_and_k3_are_unbiased_kl_estimates():
         assert kl_penalty(logp, logq, name).mean().item() == pytest.approx(exact, rel=0.02), name
 
 
-def test_k3_is_clamped_for_stability():
-    out = kl_penalty(torch.tensor([[-1000.0, 1000.0]]), torch.zeros(1, 2), "k3")
-    assert torch.isfinite(out).all()
-    assert out[0, 0].item() == pytest.approx(math.exp(20) - 21, rel=1e-5)
+def test_k3_is_clamped_per_token_so_one_token_cannot_dominate():
+    logprobs = torch.tensor([[-1000.0, 1000.0, -12.0, -1.0, 0.5]], requires_grad=True)
+    out = kl_penalty(logprobs, torch.zeros(1, 5), "k3")
+    # Far below the reference: exp(d) - d - 1 would be ~e^20 (or e^12), capped at 10 as in verl and OpenRLHF; far
+    # above it k3 grows only linearly (1000 -> 19 after the log-ratio clamp), also capped; near it, untouched.
+    assert out[0, :3].tolist() == [10.0, 10.0, 10.0]
+    assert _allclose(out[0, 3:], [math.exp(1.0) - 2.0, math.exp(-0.5) - 0.5], atol=1e-6)
+    out.sum().backward()
+    assert logprobs.grad[0, :3].tolist() == [0.0, 0.0, 0.0] and (logprobs.grad[0, 3:] != 0).all()
+    # One far-off token among 99 exact ones moves the mean KL by at most 10 / 100.
+    row = torch.zeros(1, 100)
+    row[0, 0] = -30.0
+    assert masked_mean(kl_penalty(row, torch.zeros(1, 100), "k3"), torch.ones(1, 100)).item() == pytest.approx(0.1)
 
 
 def test_unknown_kl_estimator_lists_valid_names():
