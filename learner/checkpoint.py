@@ -13,7 +13,9 @@ torn checkpoint where a resume would look::
     <root>/latest            name of the newest complete checkpoint (replaced atomically)
 
 The learner ranks write their parts into `<root>/.tmp-step-...`; rank 0 renames it once every rank is done. All
-ranks must see the same filesystem (one node, or shared storage).
+ranks must see the same filesystem (one node, or shared storage). Rank 0 flushes every file and directory of the
+checkpoint to disk before the rename, and `<root>` after it: a rename can reach the disk before the data it names,
+so a power loss could otherwise leave a complete-looking checkpoint of empty or torn files.
 """
 
 from __future__ import annotations
@@ -104,12 +106,16 @@ def read_state(directory: str | Path) -> dict[str, Any]:
 
 
 def commit(root: str | Path, tmp: Path, keep_last: int) -> Path:
-    """Rank 0: renames the finished temporary directory into place, points `latest` at it, prunes old ones.
+    """Rank 0: flushes the finished temporary directory to disk, renames it into place, points `latest` at it and
+    prunes older checkpoints.
 
     Re-saving a step that already has a checkpoint (e.g. the final save right after a periodic one) replaces it.
+    Pruning keeps the new checkpoint and the `keep_last - 1` highest-numbered others: after a resume from an older
+    checkpoint the new step may be lower than existing ones, and the checkpoint just written is never the one deleted.
     """
     root = Path(root)
     final = root / tmp.name.removeprefix(".tmp-")
+    _fsync_tree(tmp)
     if final.exists():
         trash = root / f".old-{final.name}"
         shutil.rmtree(trash, ignore_errors=True)
@@ -118,13 +124,34 @@ def commit(root: str | Path, tmp: Path, keep_last: int) -> Path:
         shutil.rmtree(trash)
     else:
         os.replace(tmp, final)
+    _fsync(root)
     pointer = root / f".{LATEST_FILE}.tmp"
     pointer.write_text(final.name)
+    _fsync(pointer)
     os.replace(pointer, root / LATEST_FILE)
+    _fsync(root)
     if keep_last > 0:
-        for old in _complete(root)[:-keep_last]:
+        others = [p for p in _complete(root) if p != final]
+        for old in others[: max(len(others) - (keep_last - 1), 0)]:
             shutil.rmtree(old)
     return final
+
+
+def _fsync(path: Path) -> None:
+    """Flushes a file's data, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flushes every file under `directory` (whichever rank wrote it) and every directory's entries."""
+    for dirpath, _, filenames in os.walk(directory):
+        for name in filenames:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
 
 
 def _complete(root: Path) -> list[Path]:

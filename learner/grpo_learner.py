@@ -160,13 +160,15 @@ class Learner:
     def _load_model(self, dtype: torch.dtype) -> Qwen2_5_VLForConditionalGeneration:
         # Every rank loads the whole model into host memory and deepspeed.initialize partitions it. Loading straight
         # into shards needs transformers' HfDeepSpeedConfig, which requires the `accelerate` package (not installed).
+        # The config is left as the model directory has it (checkpoints save it): forwards pass use_cache=False.
         if not any(Path(self.config.model_dir).glob("*.safetensors")):  # a random-init model (config only)
+            # Drawn from its own stream seeded alike every time, so the reference equals the initial policy (and a
+            # restarted learner group without a checkpoint starts from the same weights); the global RNG is untouched.
             config = AutoConfig.from_pretrained(self.config.model_dir)
-            model = Qwen2_5_VLForConditionalGeneration._from_config(config, torch_dtype=dtype)
-        else:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.config.model_dir, dtype=dtype)
-        model.config.use_cache = False
-        return model
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed)
+                return Qwen2_5_VLForConditionalGeneration._from_config(config, torch_dtype=dtype)
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(self.config.model_dir, dtype=dtype)
 
     # ----------------------------------------------------------------------------------------------------- update
 
