@@ -11,6 +11,7 @@ from learner.weight_sync import SyncGroupInfo, SyncPlan
 
 _LAZY = {
     "Learner": "learner.grpo_learner",
+    "LearnerDiedError": "learner.learner_group",
     "LearnerGroup": "learner.learner_group",
     "SyncStats": "learner.learner_group",
     "WeightSyncError": "learner.learner_group",
@@ -21,6 +22,7 @@ __all__ = [
     "GRPOConfig",
     "Learner",
     "LearnerConfig",
+    "LearnerDiedError",
     "LearnerGroup",
     "SyncGroupInfo",
     "SyncPlan",

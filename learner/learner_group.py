@@ -21,10 +21,18 @@ engine's prefix and encoder caches and takes `plan.version` as its policy versio
 Late join (an engine restarted): the old group has a dead member and cannot be reused, so the driver calls
 `init_weight_sync` again with the full list of engines; the first sync of a new group sends every parameter, frozen
 ones included, so the new engine holds the current weights before it generates.
+
+Failures: the ranks run collectives together, so one rank that fails (an exception, or its process died) leaves the
+others waiting in a collective for a peer that never comes, until gloo's or NCCL's timeout (minutes to hours). The
+driver therefore waits on all ranks at once and the first failure breaks the whole group: every rank is killed at
+once and that error is raised, the rank's own exception or `LearnerDiedError`. Agreeing on errors inside the learner
+(an all-reduce of an error flag) could not cover a rank that dies, nor one that fails inside ZeRO-3's gathers; a
+group that is killed and rebuilt from a checkpoint (launch/train.py) has no half-done state to reason about.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +43,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from learner.config import GRPOConfig, LearnerConfig, WeightSyncConfig
 from learner.grpo_learner import Learner
+
+logger = logging.getLogger(__name__)
+
+# After a rank's first failure, how long to wait for the others to report theirs: a rank dying makes its peers' gloo
+# collectives fail too, and the death (not their "connection closed") is the error that tells the caller what to do.
+_FAILURE_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,11 @@ class WeightSyncError(RuntimeError):
         super().__init__(f"{what}: " + "; ".join(details))
 
 
+class LearnerDiedError(RuntimeError):
+    """A learner rank's process died (killed, out of memory, its node lost). The group has been shut down; the caller
+    may build a new one and restore it from a checkpoint."""
+
+
 def _settle(refs: list[ray.ObjectRef]) -> tuple[list[Any], dict[int, str]]:
     """Waits for every ref; returns the values of those that succeeded and, by index, why the others failed (an actor
     that died, or the exception its task raised)."""
@@ -78,6 +97,17 @@ def _settle(refs: list[ray.ObjectRef]) -> tuple[list[Any], dict[int, str]]:
             cause = getattr(e, "cause", None) or e  # a task error carries the actor's own exception
             failures[index] = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
     return values, failures
+
+
+def _death(ref: ray.ObjectRef) -> ray.exceptions.RayActorError | None:
+    """The error of a finished call whose actor died; None while it runs, or when it returned or raised its own."""
+    try:
+        ray.get(ref, timeout=0)
+    except ray.exceptions.RayActorError as e:
+        return e
+    except Exception:  # GetTimeoutError (still running) or the task's own exception
+        return None
+    return None
 
 
 class LearnerGroup:
@@ -113,9 +143,42 @@ class LearnerGroup:
                     placement_group, placement_group_bundle_index=bundle_offset + rank
                 )
             self.learners.append(actor_cls.options(**options).remote(config, grpo, rank, config.num))
-        addr, port = ray.get(self.learners[0].node_address.remote())
-        ray.get([learner.setup.remote(addr, port) for learner in self.learners])
+        addr, port = self._gather([self.learners[0].node_address.remote()])[0]
+        self._gather([learner.setup.remote(addr, port) for learner in self.learners])
         self.engines: list[Any] = []
+
+    def _gather(self, refs: list[ray.ObjectRef]) -> list[Any]:
+        """The results of one call per rank (`refs[r]` on rank r); the first failure shuts the group down at once.
+
+        Raises:
+            LearnerDiedError: a rank's process died (also when the others failed because it did).
+            Exception: the failed rank's own exception (Ray's task error, also an instance of the original type).
+        """
+        self._check_open()
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except Exception as error:
+                if pending:
+                    ray.wait(pending, num_returns=len(pending), timeout=_FAILURE_GRACE_S)
+                self._fail(refs, error)
+        return ray.get(list(refs))
+
+    def _fail(self, refs: list[ray.ObjectRef], first: Exception) -> None:
+        """Shuts the group down and raises the failure: a death if any rank died, else `first`."""
+        dead = [(rank, death) for rank, ref in enumerate(refs) if (death := _death(ref)) is not None]
+        logger.error("a learner rank failed (%s); killing every rank of the group", str(first).splitlines()[0])
+        self.shutdown()
+        if dead:
+            rank, cause = dead[0]
+            raise LearnerDiedError(f"learner rank {rank} died: {str(cause).splitlines()[0]}") from cause
+        raise first
+
+    def _check_open(self) -> None:
+        if not self.learners:
+            raise RuntimeError("the learner group was shut down (a rank failed); build a new one")
 
     def update(self, groups: list[Any]) -> dict[str, float]:
         """One GRPO update over the batch, `grpo.num_minibatches` optimizer steps per pass, on all ranks.
@@ -127,13 +190,14 @@ class LearnerGroup:
         Returns:
             Metrics reduced over all ranks (see `Learner.update`).
         """
+        self._check_open()
         world = len(self.learners)
         if not groups or len(groups) % world:
             raise ValueError(f"{len(groups)} groups cannot be split evenly (and non-empty) over learner.num={world}")
         # Strided shards: rank r gets groups r, r + W, ... Each rank cuts its share into the same number of
         # minibatches, so optimizer step k trains on the k-th contiguous slice of the batch, whatever W is.
         refs = [learner.update.remote(groups[r::world]) for r, learner in enumerate(self.learners)]
-        return ray.get(refs)[0]
+        return self._gather(refs)[0]
 
     def init_weight_sync(self, engines: list[Any], workers_per_engine: int = 1) -> None:
         """(Re-)creates the sync group of learner rank 0 and every worker of `engines` (TP = workers_per_engine).
@@ -142,13 +206,16 @@ class LearnerGroup:
             WeightSyncError: the group did not form, e.g. an engine died before joining: the others then wait for it
                 until weight_sync.timeout_s, so the error comes after that timeout.
         """
+        self._check_open()
         world_size = len(engines) * workers_per_engine + 1
         leader = self.learners[0]
         self.engines = []
-        info = ray.get(leader.serve_weight_sync.remote(world_size, self.sync.backend, self.sync.timeout_s))
+        info = self._gather([leader.serve_weight_sync.remote(world_size, self.sync.backend, self.sync.timeout_s)])[0]
         joins = [engine.join_weight_sync.remote(info, 1 + i * workers_per_engine) for i, engine in enumerate(engines)]
         _, leader_failed = _settle([leader.join_weight_sync.remote()])
         _, failures = _settle(joins)
+        if leader_failed:  # a join that timed out is a fault of the sync group; a dead rank 0 is the learner's
+            self._gather([learner.__ray_ready__.remote() for learner in self.learners])
         if failures or leader_failed:
             raise WeightSyncError(None, failures, leader_failed.get(0))
         self.engines = list(engines)
@@ -162,14 +229,16 @@ class LearnerGroup:
                 weight_sync.timeout_s), with the learner world still in step; the group is then unusable, so the
                 caller calls `init_weight_sync` again (with the restarted engines) before the next sync.
         """
+        self._check_open()
         if not self.engines:
             raise RuntimeError("init_weight_sync(engines) must be called before sync_weights")
         start = time.perf_counter()
-        plan = ray.get(self.learners[0].weight_plan.remote(version, self.sync.bucket_mb))
+        plan = self._gather([self.learners[0].weight_plan.remote(version, self.sync.bucket_mb)])[0]
         loads = [engine.receive_weights.remote(plan) for engine in self.engines]
         sends = [learner.broadcast_weights.remote(plan) for learner in self.learners]
+        # The learners first: a dead rank shuts the group down, whose sockets closing fails the engines' receives.
+        timings = self._gather(sends)[0]  # a broadcast failure comes back as timings["error"]
         load_times, failures = _settle(loads)
-        timings = ray.get(sends)[0]  # learner errors are bugs, not faults: they propagate
         if failures or timings["error"]:
             raise WeightSyncError(version, failures, timings["error"])
         return SyncStats(
@@ -184,16 +253,16 @@ class LearnerGroup:
 
     def consolidated_state_dict(self) -> dict:
         """The full weights (Hugging Face names) from rank 0, e.g. for `engine.load_weights` or inspection."""
-        return ray.get([learner.consolidated_state_dict.remote() for learner in self.learners])[0]
+        return self._gather([learner.consolidated_state_dict.remote() for learner in self.learners])[0]
 
     def save_checkpoint(self, root: str, run_config: dict[str, Any], keep_last: int) -> str:
         """Writes a checkpoint under `root` (see learner.checkpoint); returns its directory."""
         refs = [learner.save_checkpoint.remote(root, run_config, keep_last) for learner in self.learners]
-        return ray.get(refs)[0]
+        return self._gather(refs)[0]
 
     def load_checkpoint(self, path: str) -> dict[str, int]:
         """Restores every rank from a checkpoint directory; returns its step and version."""
-        return ray.get([learner.load_checkpoint.remote(path) for learner in self.learners])[0]
+        return self._gather([learner.load_checkpoint.remote(path) for learner in self.learners])[0]
 
     def shutdown(self) -> None:
         """Ends the learner actors."""

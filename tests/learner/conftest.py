@@ -87,9 +87,9 @@ def _learner_group(model_dir, num_learners: int, sync_timeout_s: float = 600.0, 
 
 @pytest.fixture(scope="session")
 def new_learner_group(ray_local, tiny_model_dir):
-    """`new_learner_group(num_learners, sync_timeout_s=600, **LearnerConfig overrides)`: a learner group of its own
-    (a new DeepSpeed world, ~10 s); the caller shuts it down."""
-    return lambda num_learners, **overrides: _learner_group(tiny_model_dir, num_learners, **overrides)
+    """`new_learner_group(num_learners, sync_timeout_s=600, model_dir=tiny, **LearnerConfig overrides)`: a learner
+    group of its own (a new DeepSpeed world, ~10 s); the caller shuts it down."""
+    return lambda num, model_dir=tiny_model_dir, **overrides: _learner_group(model_dir, num, **overrides)
 
 
 @pytest.fixture(scope="session")
