@@ -1,24 +1,34 @@
-"""Tetris: one decision places one piece, named by its rotation and column; scored as lmgame-Bench scores Tetris.
+"""Tetris: one decision places one piece; the moves, spawn and gravity are lmgame-Bench's, and so is the score.
 
 Rules: a board of `rows` x `cols` (20 x 10 by default), the tetrominoes of `piece_set` (default all seven,
 "IOTSZJL") dealt by a 7-bag randomizer (each bag is a random permutation of the piece set, dealt in order), a
 preview of the next `preview` pieces, and line clears (a full row disappears and the rows above move down).
 
-A piece appears at the top, centred (columns 3-6 of 10 for I, 4-5 for O, 3-5 for the others), in the spawn
-orientation of the Super Rotation System. The answer `rotate R, column C` turns it R quarter turns clockwise at the
-top (R = 3 is one counter-clockwise turn), slides it sideways until its leftmost cell is in column C, and drops it
-straight down. Rotations have no wall kicks: a rotation that would overlap a wall or a block is refused, and so is a
-slide into one; an answer whose path is refused is illegal. Rotations that give the same shape give the same
-placements, so only the smallest of them is canonical (I, S and Z have rotations 0 and 1, O only 0): `rotate 2` of
-an S parses to `rotate 0`. `legal_actions` lists every distinct reachable (rotation, column) placement.
+The engine is lmgame-Bench's (GamingAgent's `custom_04_tetris/tetrisEnv.py`, built on tetris-gymnasium). A piece
+appears with the top of its rotation box on row 0 and the box at column `cols // 2 - box // 2`: columns 3-6 of 10
+for I (on row 1), 4-5 for O, 4-6 for T, S, Z, J and L. A turn rotates the piece inside its box (SRS shapes, no wall
+kicks); a turn or slide into a wall or a block is refused and does nothing. Gravity acts after every move: each
+frame the piece makes its move, then falls one row, and where it cannot fall it locks. `hard_drop` drops and locks it
+at once; `soft_drop` moves it one row down before gravity (or locks it where it cannot). So a piece turns and slides
+while it falls, and where it can end up depends on the order of its moves and the stack below it.
 
-lmgame-Bench's move sequences are accepted too, e.g. `(move_left,2)(rotate_clockwise,1)(hard_drop,1)`, with the
-actions move_left, move_right, rotate_clockwise, rotate_counterclockwise, soft_drop and hard_drop and a repeat count
-each. They are simulated from the spawn position with the same wall and collision checks (a refused move does
-nothing, as a key press against a wall does); the sequence ends at its first hard_drop (or its end), and the answer is
-the placement given by the rotation and leftmost column the piece then has.
+A placement is a resting position (`Placement(rotation, column, row)`: the canonical rotation, the leftmost column
+and the top row of its cells). The legal placements are every resting position that some sequence of moves reaches
+from the spawn under that gravity: a search over piece states (rotation, row, column), row by row, since every frame
+falls one row. It finds turns that fit only after a slide, and slides under an overhang just above the stack.
 
-The game is over when the next piece has no room to appear, or a piece comes to rest partly above the board.
+Answers take two forms, and both name a legal placement or none:
+- `rotate R, column C`: turned R quarter turns clockwise (R = 3 is one counter-clockwise turn; rotations that give
+  the same shape name the same placements: `rotate 2` of an S is `rotate 0`), leftmost cell in column C, at the
+  highest resting spot of that column that the moves can reach, i.e. dropped straight down wherever that is reachable.
+- lmgame-Bench's move sequences, e.g. `(left,2)(rotate_right,1)(hard_drop,1)`, with its action names left, right,
+  rotate_left, rotate_right, soft_drop, hard_drop and no_op, the long names move_left, move_right,
+  rotate_counterclockwise and rotate_clockwise too, and a repeat count each (0 counts as 1, as there). They are played
+  frame by frame from the spawn as above; the answer is where the piece locks, and a sequence that ends before it
+  locks is finished with a hard drop. A placement that only a move sequence names (one slid under an overhang) is
+  written as one by `format_action`.
+
+The game is over when the next piece has no room to appear.
 
 Rewards (lmgame-Bench):
 
@@ -27,22 +37,26 @@ Rewards (lmgame-Bench):
 | piece placed                 | +1                                    | +1                        |
 | each line cleared            | +10                                   | +1                        |
 | unreadable or illegal answer | -1, board unchanged                   | 0                         |
+
+`expert_move` is a one-piece placement search in the style of Dellacherie and El-Tetris: every legal placement is
+played on a copy of the board and scored by El-Tetris's weighted features.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from envs.base import Game, Knob, StepResult, int_in
+from envs.base import ExpertMove, Game, Knob, StepResult, int_in
 from envs.render import COLOURS, PERCEPTION_KNOBS, BoardRenderer, Style, Tile, cached_renderer, photo_class_count
 
 PIECES = "IOTSZJL"
-# Spawn orientation (rotation 0) of each piece in its rotation box (SRS): (box size, (row, col) cells).
+# Spawn orientation (rotation 0) of each piece in its rotation box (SRS, as lmgame-Bench's matrices): (box, cells).
 _SPAWN_SHAPES: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = {
     "I": (4, ((1, 0), (1, 1), (1, 2), (1, 3))),
     "O": (2, ((0, 0), (0, 1), (1, 0), (1, 1))),
@@ -55,8 +69,20 @@ _SPAWN_SHAPES: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = {
 # The Tetris Guideline colours, in PIECES order; with n_colours = k, piece i takes colour i % k of this list.
 _GUIDELINE_COLOURS = ("cyan", "yellow", "purple", "green", "red", "blue", "orange")
 FILLED, EMPTY = "#", "-"
-_MOVES = ("move_left", "move_right", "rotate_clockwise", "rotate_counterclockwise", "soft_drop", "hard_drop")
-# Answer forms: "rotate 1, column 4" (either order, loose spacing); a move sequence "(move_left,2)(hard_drop,1)".
+# lmgame-Bench's action names (its game_env_config.json), and the long names its docs and the G1-style prompts use.
+_MOVE_NAMES = {
+    **{name: name for name in ("left", "right", "rotate_left", "rotate_right", "soft_drop", "hard_drop", "no_op")},
+    "move_left": "left",
+    "move_right": "right",
+    "rotate_counterclockwise": "rotate_left",
+    "rotate_clockwise": "rotate_right",
+}
+# Searched moves, in the order a shortest move sequence prefers them (soft and hard drops reach nothing new).
+_SEARCH_MOVES = ("no_op", "left", "right", "rotate_right", "rotate_left")
+_SHIFT = {"left": (0, -1), "right": (0, 1), "rotate_right": (1, 0), "rotate_left": (3, 0), "no_op": (0, 0)}
+# Box columns a piece can take left of the board (an I turned vertical is 2 columns right in its box): bit offset.
+_PAD = 3
+# Answer forms: "rotate 1, column 4" (either order, loose spacing); a move sequence "(left,2)(hard_drop,1)".
 # Each optional separator owns the spaces after it, so that no two `\s*` meet: no slow backtracking on junk.
 _ROTATE = r"rotat(?:e|ion)?\s*(?:[:=]\s*)?(?P<rot>\d{1,3})"
 _COLUMN = r"col(?:umn)?\s*(?:[:=]\s*)?(?P<col>\d{1,3})"
@@ -67,13 +93,32 @@ _PLACEMENT_RES = tuple(
 )
 _MOVE_RE = re.compile(r"\(\s*([a-z_]+)\s*,\s*(\d{1,4})\s*\)", re.IGNORECASE)
 _MOVE_SEQUENCE_RE = re.compile(r"(?:[\s,;]*\(\s*[a-z_]+\s*,\s*\d{1,4}\s*\))+[\s,;.]*", re.IGNORECASE)
+# El-Tetris's feature weights (Islam El-Ashi, 2011, tuned by a genetic search on Dellacherie's features).
+_EL_TETRIS = {
+    "landing_height": -4.500158825082766,
+    "eroded_cells": 3.4181268101392694,
+    "row_transitions": -3.2178882868487753,
+    "column_transitions": -9.348695305445199,
+    "holes": -7.899265427351652,
+    "wells": -3.3855972247263626,
+}
 
 
 class Placement(NamedTuple):
-    """An action: rotation (clockwise quarter turns from the spawn orientation, canonical) and leftmost column."""
+    """An action: where the piece rests. Rotation (clockwise quarter turns from the spawn orientation, canonical),
+    leftmost column and top row of its cells; row -1 (never legal) for an answer that names no resting spot."""
 
     rotation: int
     column: int
+    row: int
+
+
+class _State(NamedTuple):
+    """A falling piece: its rotation and the board (row, column) of its rotation box's top-left corner."""
+
+    rotation: int
+    row: int
+    col: int
 
 
 @dataclass(frozen=True)
@@ -82,10 +127,8 @@ class _Rotation:
 
     cells: tuple[tuple[int, int], ...]  # (row, col) in the box
     left: int  # leftmost box column it occupies
-    width: int
+    top: int  # topmost box row it occupies
     canonical: int  # the smallest rotation of the same shape: it gives the same placements
-    bottoms: tuple[tuple[int, int], ...]  # (box col, lowest box row) per occupied column
-    tops: tuple[tuple[int, int], ...]  # (box col, highest box row) per occupied column
     dr: np.ndarray  # (4,) box rows of the cells
     dc: np.ndarray  # (4,) box cols of the cells
 
@@ -95,15 +138,15 @@ class _Piece:
     letter: str
     value: int  # what its cells hold on the board: 1 + index in PIECES
     box: int
-    spawn_row: int  # box row at spawn: the top of the spawn orientation is on board row 0
     rotations: tuple[_Rotation, ...]  # 4, clockwise from the spawn orientation
 
-    @property
-    def canonical_rotations(self) -> tuple[int, ...]:
-        return tuple(r for r, rot in enumerate(self.rotations) if rot.canonical == r)
+    def spawn(self, cols: int) -> _State:
+        """lmgame-Bench's spawn: box top on row 0, box at `width_padded // 2 - box // 2` less its padding."""
+        return _State(0, 0, cols // 2 - self.box // 2)
 
-    def spawn_col(self, cols: int) -> int:
-        return (cols - self.box) // 2
+    def placement(self, state: _State) -> Placement:
+        shape = self.rotations[state.rotation]
+        return Placement(shape.canonical, state.col + shape.left, state.row + shape.top)
 
 
 def _build_piece(letter: str) -> _Piece:
@@ -113,35 +156,106 @@ def _build_piece(letter: str) -> _Piece:
     for _ in range(4):
         top, left = min(r for r, _ in cells), min(c for _, c in cells)
         shape = frozenset((r - top, c - left) for r, c in cells)
-        columns = sorted({c for _, c in cells})
         rotations.append(
             _Rotation(
                 cells=cells,
                 left=left,
-                width=len(columns),
+                top=top,
                 canonical=shapes.index(shape) if shape in shapes else len(shapes),
-                bottoms=tuple((c, max(r for r, cc in cells if cc == c)) for c in columns),
-                tops=tuple((c, min(r for r, cc in cells if cc == c)) for c in columns),
                 dr=np.array([r for r, _ in cells]),
                 dc=np.array([c for _, c in cells]),
             )
         )
         shapes.append(shape)
-        cells = tuple((c, box - 1 - r) for r, c in cells)  # a clockwise quarter turn in the box
-    spawn_row = -min(r for r, _ in rotations[0].cells)
-    return _Piece(letter, PIECES.index(letter) + 1, box, spawn_row, tuple(rotations))
+        cells = tuple((c, box - 1 - r) for r, c in cells)  # a clockwise quarter turn in the box (np.rot90(k=-1))
+    return _Piece(letter, PIECES.index(letter) + 1, box, tuple(rotations))
 
 
 _PIECE = {letter: _build_piece(letter) for letter in PIECES}
-# Board rows a piece can cover at spawn, in any rotation: while they are empty every in-wall placement is reachable.
-_SPAWN_BAND = max(p.spawn_row + p.box for p in _PIECE.values())
+
+
+def _fits_at(piece: _Piece, occupied: list[int], row: int, mask: int) -> list[int]:
+    """Where the piece fits with its box on `row`: per rotation, a bit mask of box columns (bit = column + _PAD).
+
+    `occupied[r]` has bit `c + _PAD` set where board column c of row r is filled or a wall (rows past the floor are
+    all set); a cell `dc` right of the box's left edge is blocked where `occupied >> dc` is set.
+    """
+    out = []
+    for rotation in piece.rotations:
+        blocked = 0
+        for dr, dc in rotation.cells:
+            blocked |= occupied[row + dr] >> dc
+        out.append(~blocked & mask)
+    return out
+
+
+def _fall(
+    piece: _Piece, occupied: list[int], cols: int, row: int, falling: list[int]
+) -> Iterator[tuple[int, list[int]]]:
+    """The search under gravity, row by row, from the box columns (per rotation) the piece can be in on `row`.
+
+    Every frame the piece makes one move (a slide or a turn, refused where blocked, or none) on its row, then falls
+    one row, or locks where it cannot. Yields (row, per rotation the box columns where it locks on that row); after
+    each yield `falling` holds the sets on the next row. Sets of columns are bit masks, so a row costs a few dozen
+    integer operations (a search state by state costs ~50x more, and it runs on every step).
+    """
+    mask = (1 << (cols + _PAD)) - 1  # the box columns, -_PAD .. cols - 1
+    here = _fits_at(piece, occupied, row, mask)
+    while any(falling):
+        moved = list(falling)
+        for r, cols in enumerate(falling):
+            if cols:
+                moved[r] |= ((cols << 1) | (cols >> 1)) & here[r]
+                moved[(r + 1) % 4] |= cols & here[(r + 1) % 4]
+                moved[(r + 3) % 4] |= cols & here[(r + 3) % 4]
+        here = _fits_at(piece, occupied, row + 1, mask)
+        falling[:] = [cols & fit for cols, fit in zip(moved, here, strict=True)]
+        yield row, [cols & ~fit for cols, fit in zip(moved, here, strict=True)]
+        row += 1
+
+
+def _occupied(filled: np.ndarray) -> list[int]:
+    """`_fits_at`'s rows: (rows, cols) bool -> per row a bit mask of filled cells and walls, then 4 rows of floor."""
+    rows, cols = filled.shape
+    walls = (1 << _PAD) - 1 | ((1 << 4) - 1) << (cols + _PAD)
+    cells = filled @ (1 << np.arange(_PAD, cols + _PAD, dtype=np.int64))  # (rows,)
+    return [c | walls for c in cells.tolist()] + [(1 << (cols + _PAD + 4)) - 1] * 4
 
 
 @functools.lru_cache(maxsize=256)
-def _free_placements(letter: str, cols: int) -> tuple[Placement, ...]:
-    """Every in-wall placement of a piece: the legal actions while nothing is in the spawn band."""
+def _open_falling(letter: str, rows: int, cols: int) -> tuple[tuple[int, ...], ...]:
+    """The search's falling sets on each row of an empty board: the start on a board whose stack is lower."""
     piece = _PIECE[letter]
-    return tuple(Placement(r, c) for r in piece.canonical_rotations for c in range(cols - piece.rotations[r].width + 1))
+    spawn = piece.spawn(cols)
+    falling = [1 << (spawn.col + _PAD), 0, 0, 0]
+    out = [tuple(falling)]
+    for _ in _fall(piece, _occupied(np.zeros((rows, cols), bool)), cols, spawn.row, falling):
+        out.append(tuple(falling))
+    return tuple(out)
+
+
+def _resting_placements(board: np.ndarray, letter: str) -> dict[Placement, _State]:
+    """Every resting position that moves under gravity reach from the spawn (which must fit), with a state there.
+
+    Above the stack the search is the empty board's: it starts 4 rows (a box) above the highest filled cell.
+    """
+    piece = _PIECE[letter]
+    rows, cols = board.shape
+    filled = board != 0
+    start = max(int(filled.any(axis=1).argmax()) if filled.any() else rows, 4) - 4
+    falling = list(_open_falling(letter, rows, cols)[start])
+    out: dict[Placement, _State] = {}
+    shapes = piece.rotations
+    for row, resting in _fall(piece, _occupied(filled), cols, start, falling):
+        for r, bits in enumerate(resting):
+            while bits:
+                bit = bits & -bits
+                bits ^= bit
+                col = bit.bit_length() - 1 - _PAD
+                placement = Placement(shapes[r].canonical, col + shapes[r].left, row + shapes[r].top)
+                if placement not in out:
+                    out[placement] = _State(r, row, col)
+    return out
 
 
 def _check_piece_set(v: Any) -> str | None:
@@ -163,8 +277,43 @@ def _tiles(n_colours: int, photo_classes: int) -> tuple[Tile | None, ...]:
     return (None, *tiles)
 
 
+def _features(filled: np.ndarray) -> dict[str, np.ndarray]:
+    """Dellacherie's board features of a batch of boards, (n, rows, cols) bool -> name: (n,) counts.
+
+    Walls and floor count as filled; a hole is an empty cell under a filled one; a well cell is an empty cell whose
+    left and right neighbours are filled, and a well of depth d counts 1 + 2 + ... + d.
+    """
+    n, rows, _ = filled.shape
+    walled = np.pad(filled, ((0, 0), (0, 0), (1, 1)), constant_values=True)
+    floored = np.pad(filled, ((0, 0), (0, 1), (0, 0)), constant_values=True)
+    covered = np.maximum.accumulate(filled, axis=1)
+    well = ~filled & walled[:, :, :-2] & walled[:, :, 2:]
+    wells = np.zeros(n, dtype=np.int64)
+    depth = np.zeros(well[:, 0].shape, dtype=np.int64)
+    for r in range(rows):
+        depth = (depth + 1) * well[:, r]
+        wells += depth.sum(axis=1)
+    return {
+        "row_transitions": (walled[:, :, 1:] != walled[:, :, :-1]).sum(axis=(1, 2)),
+        "column_transitions": (floored[:, 1:] != floored[:, :-1]).sum(axis=(1, 2)),
+        "holes": (covered & ~filled).sum(axis=(1, 2)),
+        "wells": wells,
+    }
+
+
+def _run_lengths(moves: list[str]) -> str:
+    """A move list as an lmgame-Bench answer: `["left", "left", "no_op"]` -> `(left,2)(no_op,1)`."""
+    runs: list[list[Any]] = []
+    for move in moves:
+        if runs and runs[-1][0] == move:
+            runs[-1][1] += 1
+        else:
+            runs.append([move, 1])
+    return "".join(f"({move},{count})" for move, count in runs)
+
+
 class Tetris(Game):
-    """Tetris where one action places the current piece: `Placement(rotation, column)`; see the module docstring."""
+    """Tetris where one action places the current piece at a resting `Placement`; see the module docstring."""
 
     name: ClassVar[str] = "tetris"
     knobs: ClassVar[dict[str, Knob]] = {
@@ -192,9 +341,9 @@ class Tetris(Game):
     def reset(self) -> None:
         rows, cols = self.difficulty["rows"], self.difficulty["cols"]
         self.board = np.zeros((rows, cols), dtype=np.int8)  # (rows, cols): 0 empty, else 1 + index in PIECES
-        self._tops = np.full(cols, rows, dtype=np.int64)  # (cols,) row of the highest filled cell (rows: none)
         self.queue: list[str] = []  # the next pieces, whole 7-bags, front first
         self.piece = ""  # letter of the piece to place
+        self._placements: dict[Placement, _State] | None = None  # the legal placements: see _resting
         self.lines = 0
         self.pieces = 0
         self.terminated = False
@@ -215,153 +364,171 @@ class Tetris(Game):
         if piece is not None and piece not in PIECES:
             raise ValueError(f"piece must be one of {', '.join(PIECES)}; got {piece!r}")
         self.board = np.clip(board, 0, len(PIECES)).astype(np.int8)
-        self._recompute_tops()
         self.piece = piece or self.piece
-        self.terminated = not self._fits(self.piece, 0, *self._spawn_position())
-
-    def _recompute_tops(self) -> None:
-        filled = self.board != 0
-        self._tops = np.where(filled.any(axis=0), filled.argmax(axis=0), self.board.shape[0])
+        self._placements = None
+        self.terminated = not self._fits(self._spawn())
 
     def _spawn_next(self) -> None:
         while len(self.queue) <= self.difficulty["preview"]:
             self.queue.extend(self.rng.permutation(list(self.difficulty["piece_set"])).tolist())
         self.piece = self.queue.pop(0)
-        if not self._fits(self.piece, 0, *self._spawn_position()):
+        self._placements = None  # computed on first use: a board and a piece, one search
+        if not self._fits(self._spawn()):
             self.terminated = True
 
-    def _spawn_position(self) -> tuple[int, int]:
-        """(box row, box col) of the current piece when it appears."""
-        piece = _PIECE[self.piece]
-        return piece.spawn_row, piece.spawn_col(self.board.shape[1])
+    def _spawn(self) -> _State:
+        return _PIECE[self.piece].spawn(self.board.shape[1])
 
-    def _fits(self, letter: str, rotation: int, row: int, col: int) -> bool:
-        """Whether the piece, its box at (row, col), stays inside the walls and floor and off filled cells.
-
-        Rows above the board (negative) are open space, as in the hidden rows of real Tetris.
-        """
+    def _fits(self, state: _State) -> bool:
+        """Whether the current piece in `state` stays inside the walls and floor and off filled cells."""
         rows, cols = self.board.shape
-        for dr, dc in _PIECE[letter].rotations[rotation].cells:
-            r, c = row + dr, col + dc
-            if c < 0 or c >= cols or r >= rows or (r >= 0 and self.board[r, c]):
+        for dr, dc in _PIECE[self.piece].rotations[state.rotation].cells:
+            r, c = state.row + dr, state.col + dc
+            if c < 0 or c >= cols or r >= rows or self.board[r, c]:
                 return False
         return True
 
+    def _frame(self, state: _State, move: str) -> tuple[_State, bool]:
+        """One lmgame-Bench frame: the move (refused, doing nothing, where it is blocked), then gravity.
+
+        Returns the new state and whether the piece locked in it: where it cannot fall after its move, at the end of
+        a hard drop, or where a soft drop cannot move it.
+        """
+        if move in ("hard_drop", "soft_drop"):
+            below = state._replace(row=state.row + 1)
+            if not self._fits(below):
+                return state, True
+            if move == "hard_drop":
+                return self._frame(below, move)
+            state = below
+        else:
+            turn, shift = _SHIFT[move]
+            moved = _State((state.rotation + turn) % 4, state.row, state.col + shift)
+            state = moved if self._fits(moved) else state
+        below = state._replace(row=state.row + 1)
+        return (below, False) if self._fits(below) else (state, True)
+
     # ---- actions -----------------------------------------------------------------------------------------------------
     def legal_actions(self) -> list[Placement]:
-        if self.terminated:
-            return []
-        if self._tops.min() >= _SPAWN_BAND:  # the common case: the stack is below anything a spawned piece touches
-            return list(_free_placements(self.piece, self.board.shape[1]))
-        return self._reachable_placements()
+        return [] if self.terminated else sorted(self._resting())
 
-    def _reachable_placements(self) -> list[Placement]:
-        """Placements whose path (rotate at the top, then slide) is free: the stack reaches the spawn band."""
-        piece = _PIECE[self.piece]
-        out = []
-        for r in piece.canonical_rotations:
-            start = self._rotated_spawn(r)
-            if start is None:
-                continue
-            row, col = start
-            lo = hi = col
-            while self._fits(self.piece, r, row, lo - 1):
-                lo -= 1
-            while self._fits(self.piece, r, row, hi + 1):
-                hi += 1
-            out.extend(Placement(r, c + piece.rotations[r].left) for c in range(lo, hi + 1))
-        return out
+    def _resting(self) -> dict[Placement, _State]:
+        """The legal placements (the search's, cached until the board or the piece changes)."""
+        if self._placements is None:
+            self._placements = _resting_placements(self.board, self.piece) if not self.terminated else {}
+        return self._placements
 
-    def _rotated_spawn(self, rotation: int) -> tuple[int, int] | None:
-        """The box position after turning the new piece to `rotation` at the top; None when a turn is refused."""
-        row, col = self._spawn_position()
-        turns = [3] if rotation == 3 else list(range(1, rotation + 1))  # 3 = one counter-clockwise turn
-        if any(not self._fits(self.piece, r, row, col) for r in turns):
-            return None
-        return row, col
+    def _highest(self, rotation: int, column: int) -> Placement:
+        """What `rotate R, column C` names: the highest legal placement there; row -1 when there is none."""
+        rows = [p.row for p in self._resting() if p.rotation == rotation and p.column == column]
+        return Placement(rotation, column, min(rows, default=-1))
 
     def parse_answer(self, answer: str) -> Placement | None:
         for pattern in _PLACEMENT_RES:
             match = pattern.fullmatch(answer)
             if match:
                 rotation, column = int(match["rot"]), int(match["col"])
-                return Placement(_PIECE[self.piece].rotations[rotation].canonical, column) if rotation < 4 else None
+                return self._highest(_PIECE[self.piece].rotations[rotation].canonical, column) if rotation < 4 else None
         if _MOVE_SEQUENCE_RE.fullmatch(answer):
-            return self._simulate_moves([(name.lower(), int(n)) for name, n in _MOVE_RE.findall(answer)])
+            return self._play_moves([(name.lower(), int(n)) for name, n in _MOVE_RE.findall(answer)])
         return None
 
-    def _simulate_moves(self, moves: list[tuple[str, int]]) -> Placement | None:
-        """The placement that a move sequence leads to, from the spawn position; None for an unknown move."""
-        rows, cols = self.board.shape
-        rotation, (row, col) = 0, self._spawn_position()
-        for name, count in moves:
-            if name not in _MOVES:
-                return None
-            if name == "hard_drop":
-                break
-            if name.startswith("rotate"):
-                turn = 1 if name == "rotate_clockwise" else 3
-                # A refused turn is refused again on every later try; with none refused, 4 turns come back round.
-                for _ in range(min(count, 4 + count % 4)):
-                    if not self._fits(self.piece, (rotation + turn) % 4, row, col):
-                        break
-                    rotation = (rotation + turn) % 4
-            else:
-                drow, dcol = {"move_left": (0, -1), "move_right": (0, 1), "soft_drop": (1, 0)}[name]
-                for _ in range(min(count, rows + cols)):
-                    if not self._fits(self.piece, rotation, row + drow, col + dcol):
-                        break
-                    row, col = row + drow, col + dcol
-        shape = _PIECE[self.piece].rotations[rotation]
-        return Placement(shape.canonical, col + shape.left)
+    def _play_moves(self, moves: list[tuple[str, int]]) -> Placement | None:
+        """Where a move sequence locks the piece, played frame by frame from the spawn; None for an unknown move."""
+        if any(name not in _MOVE_NAMES for name, _ in moves) or self.terminated:
+            return None
+        state = self._spawn()
+        frames = [_MOVE_NAMES[name] for name, count in moves for _ in range(min(max(count, 1), self.board.shape[0]))]
+        for move in [*frames, "hard_drop"]:  # every frame but a refused drop falls a row: at most `rows` of them
+            state, locked = self._frame(state, move)
+            if locked:
+                return _PIECE[self.piece].placement(state)
+        raise AssertionError("a hard drop always locks")
+
+    def moves_to(self, placement: Placement) -> str:
+        """A shortest lmgame-Bench move sequence that locks the piece at a legal `placement`, e.g. `(left,2)(no_op,3)`.
+
+        A breadth-first search over falling states, frame by frame: the few placements that `rotate R, column C`
+        cannot name (slid under an overhang) are written this way.
+        """
+        paths: dict[_State, list[str]] = {self._spawn(): []}
+        frontier = list(paths)
+        while frontier:
+            later = []
+            for state in frontier:
+                for move in _SEARCH_MOVES:
+                    after, locked = self._frame(state, move)
+                    if locked and _PIECE[self.piece].placement(after) == placement:
+                        return _run_lengths([*paths[state], move])
+                    if not locked and after not in paths:
+                        paths[after] = [*paths[state], move]
+                        later.append(after)
+            frontier = later
+        raise ValueError(f"{placement} is not a legal placement of {self.piece}")
 
     def format_action(self, action: Placement) -> str:
-        rotation, column = action
-        return f"rotate {rotation}, column {column}"
+        rotation, column, _ = action
+        if self._highest(rotation, column) == action:
+            return f"rotate {rotation}, column {column}"
+        return self.moves_to(action)
 
     def step(self, action: Any) -> StepResult:
-        if not isinstance(action, tuple) or action not in self.legal_actions():
+        state = self._resting().get(action) if isinstance(action, tuple) and not self.terminated else None
+        if state is None:
             return StepResult(self.invalid_penalty, self.terminated, {"valid": False})
         piece = _PIECE[self.piece]
-        rotation = piece.rotations[action[0]]
-        col = action[1] - rotation.left
-        row = self._landing_row(action[0], col)
-        rows = row + rotation.dr
-        cols = col + rotation.dc
-        visible = rows >= 0
-        self.board[rows[visible], cols[visible]] = piece.value
-        full = [r for r in sorted(set(rows[visible].tolist())) if self.board[r].all()]
+        shape = piece.rotations[state.rotation]
+        rows = state.row + shape.dr
+        self.board[rows, state.col + shape.dc] = piece.value
+        full = [r for r in sorted(set(rows.tolist())) if self.board[r].all()]
         if full:
             keep = np.ones(self.board.shape[0], dtype=bool)
             keep[full] = False
             self.board = np.concatenate([np.zeros((len(full), self.board.shape[1]), np.int8), self.board[keep]])
-            self._recompute_tops()
-        else:
-            for c, top in rotation.tops:
-                self._tops[col + c] = min(self._tops[col + c], max(row + top, 0))
         self.pieces += 1
         self.lines += len(full)
         self.score += 1 + len(full)
         self.steps += 1
-        if not visible.all():  # came to rest partly above the board
-            self.terminated = True
-        else:
-            self._spawn_next()
+        self._spawn_next()
         return StepResult(1.0 + 10.0 * len(full), self.terminated, {"valid": True, "lines_cleared": len(full)})
 
-    def _landing_row(self, rotation: int, col: int) -> int:
-        """Box row where the current piece, turned and slid at the top (box column `col`), comes to rest."""
-        shape = _PIECE[self.piece].rotations[rotation]
-        spawn_row = _PIECE[self.piece].spawn_row
-        row = min(int(self._tops[col + c]) - 1 - bottom for c, bottom in shape.bottoms)
-        if row >= spawn_row:  # it falls onto the highest block of its columns
-            return row
-        # A block is above the piece's bottom in its columns: only with the stack in the spawn band, where a slide
-        # can go under an overhang. Fall cell by cell.
-        row = spawn_row
-        while self._fits(self.piece, rotation, row + 1, col):
-            row += 1
-        return row
+    # ---- expert ------------------------------------------------------------------------------------------------------
+    def expert_move(self) -> ExpertMove:
+        """El-Tetris's one-piece search: every legal placement is played on a copy of the board and the one with the
+        best weighted sum of Dellacherie's features wins (ties: the first in `legal_actions` order)."""
+        placements = self.legal_actions()
+        if not placements:
+            raise ValueError("tetris: the episode is over; there is no move to make")
+        rows, cols = self.board.shape
+        piece = _PIECE[self.piece]
+        boards = np.repeat((self.board != 0)[None], len(placements), axis=0)  # (n, rows, cols)
+        landing = np.empty(len(placements))
+        cleared = np.zeros(len(placements), dtype=np.int64)
+        eroded = np.zeros(len(placements), dtype=np.int64)
+        for i, placement in enumerate(placements):
+            state = self._resting()[placement]
+            shape = piece.rotations[state.rotation]
+            cell_rows = state.row + shape.dr
+            boards[i, cell_rows, state.col + shape.dc] = True
+            landing[i] = rows - (cell_rows.min() + cell_rows.max()) / 2  # height of the piece's middle
+            full = boards[i].all(axis=1)
+            if full.any():
+                cleared[i] = full.sum()
+                eroded[i] = cleared[i] * full[cell_rows].sum()  # lines cleared x the piece's cells they removed
+                boards[i] = np.concatenate([np.zeros((cleared[i], cols), bool), boards[i][~full]])
+        features = {"landing_height": landing, "eroded_cells": eroded, **_features(boards)}
+        value = sum(weight * features[name] for name, weight in _EL_TETRIS.items())
+        best = int(np.argmax(value))
+        choice = placements[best]
+        bottom = choice.row + int(np.ptp(piece.rotations[self._resting()[choice].rotation].dr))
+        lines = "1 line" if cleared[best] == 1 else f"{cleared[best]} lines"
+        holes = "1 hole" if features["holes"][best] == 1 else f"{features['holes'][best]} holes"
+        reason = (
+            f"The {self.piece} goes on rows {choice.row}-{bottom} with {self.format_action(choice)}: it clears {lines} "
+            f"and leaves {holes}, the best of {len(placements)} placements by El-Tetris's weighted features (landing "
+            "height, cleared cells, row and column transitions, holes, wells)."
+        )
+        return ExpertMove(choice, reason)
 
     # ---- observation -------------------------------------------------------------------------------------------------
     def text_observation(self) -> str:
@@ -378,7 +545,7 @@ class Tetris(Game):
             piece = _PIECE[letter]
             spawn = piece.rotations[0]
             for r, c in spawn.cells:
-                grid[3 * i + r + piece.spawn_row][c - spawn.left] = tiles[piece.value]
+                grid[3 * i + r - spawn.top][c - spawn.left] = tiles[piece.value]
         return grid
 
     def render_array(self) -> np.ndarray:
@@ -407,12 +574,13 @@ class Tetris(Game):
             "letters they look like (I: four in a line, O: a 2x2 square, T, S, Z, J, L). The 'Current' panel shows "
             "the piece to place, in the orientation in which it appears at the top centre of the board"
             + (f"; the 'Next' panel shows the {preview} pieces after it, first on top" if preview else "")
-            + ". Each turn you place the current piece: it turns R quarter turns clockwise at the top (R from 0 to 3; "
-            "3 is one counter-clockwise turn), slides sideways until its leftmost cell is in column C, then drops "
-            "straight down until it lands. A turn or slide into a wall or a block is not allowed (no wall kicks). A "
-            "full row is cleared and the rows above it move down. The game ends when a new piece has no room at the "
-            "top. You get +1 for each piece placed and +10 for each line cleared; an invalid answer gets -1 and "
-            "changes nothing.\n\n"
+            + ". Each turn you place the current piece. It falls one row after every move: a move left or right, a "
+            "quarter turn, or none. A turn or slide into a wall or a block does nothing (no wall kicks), and the "
+            "piece locks where it cannot fall. Answer 'rotate R, column C': the piece turned R quarter turns "
+            "clockwise (R from 0 to 3; 3 is one counter-clockwise turn) with its leftmost cell in column C, where it "
+            "lands when dropped straight down (it must be able to get there as it falls). A full row is cleared and "
+            "the rows above it move down. The game ends when a new piece has no room at the top. You get +1 for each "
+            "piece placed and +10 for each line cleared; an invalid answer gets -1 and changes nothing.\n\n"
             "First describe what you see inside <perception></perception>: one line per board row from top to "
             f"bottom, cells separated by |, {FILLED} for a filled cell and {EMPTY} for an empty one, then a line "
             "'current: X' with the current piece's letter"
@@ -422,5 +590,6 @@ class Tetris(Game):
             + "\n"
             "Then reason about where to place the piece inside <think></think>. Finally give your move inside "
             "<answer></answer> as 'rotate R, column C', for example <answer>rotate 1, column 4</answer>. A move "
-            "sequence such as <answer>(move_left,2)(rotate_clockwise,1)(hard_drop,1)</answer> is also accepted."
+            "sequence such as <answer>(left,2)(rotate_right,1)(hard_drop,1)</answer> is also accepted (moves left, "
+            "right, rotate_left, rotate_right, soft_drop, hard_drop, no_op)."
         )
