@@ -234,27 +234,39 @@ def _open_falling(letter: str, rows: int, cols: int) -> tuple[tuple[int, ...], .
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=256)
+def _named_states(letter: str, rows: int, cols: int) -> tuple[tuple[tuple[tuple[Placement, _State], ...], ...], ...]:
+    """[rotation][row][bit]: the placement and the state of a piece resting there, built once per board size."""
+    piece = _PIECE[letter]
+    return tuple(
+        tuple(
+            tuple(
+                (piece.placement(_State(r, row, bit - _PAD)), _State(r, row, bit - _PAD)) for bit in range(cols + _PAD)
+            )
+            for row in range(rows)
+        )
+        for r in range(4)
+    )
+
+
 def _resting_placements(board: np.ndarray, letter: str) -> dict[Placement, _State]:
     """Every resting position that moves under gravity reach from the spawn (which must fit), with a state there.
 
     Above the stack the search is the empty board's: it starts 4 rows (a box) above the highest filled cell.
     """
-    piece = _PIECE[letter]
     rows, cols = board.shape
     filled = board != 0
     start = max(int(filled.any(axis=1).argmax()) if filled.any() else rows, 4) - 4
     falling = list(_open_falling(letter, rows, cols)[start])
+    named = _named_states(letter, rows, cols)
     out: dict[Placement, _State] = {}
-    shapes = piece.rotations
-    for row, resting in _fall(piece, _occupied(filled), cols, start, falling):
+    for row, resting in _fall(_PIECE[letter], _occupied(filled), cols, start, falling):
         for r, bits in enumerate(resting):
             while bits:
                 bit = bits & -bits
                 bits ^= bit
-                col = bit.bit_length() - 1 - _PAD
-                placement = Placement(shapes[r].canonical, col + shapes[r].left, row + shapes[r].top)
-                if placement not in out:
-                    out[placement] = _State(r, row, col)
+                placement, state = named[r][row][bit.bit_length() - 1]
+                out.setdefault(placement, state)
     return out
 
 
