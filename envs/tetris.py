@@ -45,6 +45,7 @@ played on a copy of the board and scored by El-Tetris's weighted features.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -197,20 +198,20 @@ def _fall(
     Every frame the piece makes one move (a slide or a turn, refused where blocked, or none) on its row, then falls
     one row, or locks where it cannot. Yields (row, per rotation the box columns where it locks on that row); after
     each yield `falling` holds the sets on the next row. Sets of columns are bit masks, so a row costs a few dozen
-    integer operations (a search state by state costs ~50x more, and it runs on every step).
+    integer operations rather than a collision check per state and move: the search runs on every step.
     """
     mask = (1 << (cols + _PAD)) - 1  # the box columns, -_PAD .. cols - 1
     here = _fits_at(piece, occupied, row, mask)
     while any(falling):
         moved = list(falling)
-        for r, cols in enumerate(falling):
-            if cols:
-                moved[r] |= ((cols << 1) | (cols >> 1)) & here[r]
-                moved[(r + 1) % 4] |= cols & here[(r + 1) % 4]
-                moved[(r + 3) % 4] |= cols & here[(r + 3) % 4]
+        for r, bits in enumerate(falling):
+            if bits:
+                moved[r] |= ((bits << 1) | (bits >> 1)) & here[r]
+                moved[(r + 1) % 4] |= bits & here[(r + 1) % 4]
+                moved[(r + 3) % 4] |= bits & here[(r + 3) % 4]
         here = _fits_at(piece, occupied, row + 1, mask)
-        falling[:] = [cols & fit for cols, fit in zip(moved, here, strict=True)]
-        yield row, [cols & ~fit for cols, fit in zip(moved, here, strict=True)]
+        falling[:] = [bits & fit for bits, fit in zip(moved, here, strict=True)]
+        yield row, [bits & ~fit for bits, fit in zip(moved, here, strict=True)]
         row += 1
 
 
@@ -315,13 +316,7 @@ def _features(filled: np.ndarray) -> dict[str, np.ndarray]:
 
 def _run_lengths(moves: list[str]) -> str:
     """A move list as an lmgame-Bench answer: `["left", "left", "no_op"]` -> `(left,2)(no_op,1)`."""
-    runs: list[list[Any]] = []
-    for move in moves:
-        if runs and runs[-1][0] == move:
-            runs[-1][1] += 1
-        else:
-            runs.append([move, 1])
-    return "".join(f"({move},{count})" for move, count in runs)
+    return "".join(f"({move},{len(list(run))})" for move, run in itertools.groupby(moves))
 
 
 class Tetris(Game):
