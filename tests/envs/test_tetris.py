@@ -153,6 +153,20 @@ def test_a_counter_clockwise_turn_reaches_what_the_clockwise_one_cannot():
     assert [cell for cell in _cells(game) if cell[0] > 2] == [[17, 5], [18, 4], [18, 5], [19, 4]]
 
 
+def test_issue_8_board_under_lmgame_bench_gravity():
+    # Issue #8's board: column 4 filled from row 2, Z current. The spawned Z covers column 4 on row 0 and gets one
+    # move before gravity: the counter-clockwise turn is refused there ((2, 4) is filled), so it locks on the column,
+    # as lmgame-Bench locks it. The vertical Z left of the column needs a turn and a slide on row 0: out of reach.
+    game = _game("Z", _filled([(r, 4) for r in range(2, ROWS)]))
+    assert game.parse_action("(rotate_counterclockwise,1)(hard_drop,1)") == (0, 4, 1)
+    assert game.step(game.parse_action("(rotate_left,1)(hard_drop,1)")).reward == 1.0
+    assert [cell for cell in _cells(game) if cell[1] != 4 or cell[0] < 2] == [[1, 4], [1, 5], [2, 5], [2, 6]]
+    game = _game("Z", _filled([(r, 4) for r in range(2, ROWS)]))
+    assert game.parse_action("rotate 3, column 3") == game.parse_action("rotate 1, column 3") == (1, 3, -1)
+    assert game.step(game.parse_action("rotate 3, column 3")).reward == -1.0
+    assert game.parse_action("(rotate_right,1)(hard_drop,1)") == (1, 5, 17)  # the clockwise turn clears it
+
+
 def test_a_move_then_turn_placement_near_a_high_stack():
     # Column 5 filled from row 2: the spawned Z (over columns 4-6) must leave it at once. Sliding right first, then
     # turning, reaches the vertical Z right of the column; turning first is refused or locks.
