@@ -8,6 +8,10 @@ move changes the board. Score: the sum of the merged tiles (the usual 2048 score
 Training reward (G1's shaping): +1 if the move merged tiles, else -1. A move that changes nothing is not legal
 here (`legal_actions` lists only moves that change the board) and, like an unreadable answer, gets the invalid
 penalty of -1 with the board unchanged; G1's fork maps such answers to a "still" no-op with the same -1.
+
+Expert (`expert_move`): expectimax two moves deep (move, every spawn weighted by its probability, best reply) over
+`apply_move`, scoring boards with nneonneo/2048-ai's line heuristic. On 5 seeds it reaches 2048-4096 tiles (mean
+score ~50,000) where random legal moves reach 1,200, at ~3 ms of CPU per move (bench/experts.py).
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ with no scoring swap is reshuffled (its tiles permuted until a scoring swap exis
 
 Training reward: +1 for a scoring swap, else -1 (a non-adjacent, off-board or non-scoring swap leaves the board as it
 was). Score: tiles cleared, cascades included. Swap has no natural end, so an episode lasts `max_moves` steps.
+
+Expert (`expert_move`): the scoring swap that clears the most tiles that can be seen (`visible_clears`: cascades of
+the tiles on the board, the new tiles counted as unknown), ties to the lowest swap. Most swaps clear exactly 3 tiles,
+so the margin is small: ~7% more tiles than random legal swaps over 100 moves. Peeking at the real refills (the
+game's rng) or looking a second swap ahead gains nothing more on the default board.
 """
 
 from __future__ import annotations
