@@ -181,13 +181,11 @@ def _fits_at(piece: _Piece, occupied: list[int], row: int, mask: int) -> list[in
     `occupied[r]` has bit `c + _PAD` set where board column c of row r is filled or a wall (rows past the floor are
     all set); a cell `dc` right of the box's left edge is blocked where `occupied >> dc` is set.
     """
-    out = []
-    for rotation in piece.rotations:
-        blocked = 0
-        for dr, dc in rotation.cells:
-            blocked |= occupied[row + dr] >> dc
-        out.append(~blocked & mask)
-    return out
+    o = occupied  # every tetromino has 4 cells: one shifted row mask each
+    return [
+        ~((o[row + a] >> b) | (o[row + c] >> d) | (o[row + e] >> f) | (o[row + g] >> h)) & mask
+        for (a, b), (c, d), (e, f), (g, h) in (rotation.cells for rotation in piece.rotations)
+    ]
 
 
 def _fall(
@@ -203,12 +201,11 @@ def _fall(
     mask = (1 << (cols + _PAD)) - 1  # the box columns, -_PAD .. cols - 1
     here = _fits_at(piece, occupied, row, mask)
     while any(falling):
-        moved = list(falling)
-        for r, bits in enumerate(falling):
-            if bits:
-                moved[r] |= ((bits << 1) | (bits >> 1)) & here[r]
-                moved[(r + 1) % 4] |= bits & here[(r + 1) % 4]
-                moved[(r + 3) % 4] |= bits & here[(r + 3) % 4]
+        # Rotation r after one move: stayed, slid from r, or turned from r - 1 (clockwise) or r + 1 (counter-).
+        moved = [
+            bits | (((bits << 1) | (bits >> 1) | falling[r - 1] | falling[(r + 1) % 4]) & here[r])
+            for r, bits in enumerate(falling)
+        ]
         here = _fits_at(piece, occupied, row + 1, mask)
         falling[:] = [bits & fit for bits, fit in zip(moved, here, strict=True)]
         yield row, [bits & ~fit for bits, fit in zip(moved, here, strict=True)]
