@@ -414,7 +414,7 @@ class Tetris(Game):
 
     # ---- actions -----------------------------------------------------------------------------------------------------
     def legal_actions(self) -> list[Placement]:
-        return [] if self.terminated else sorted(self._resting())
+        return [] if self.terminated else list(self._resting())
 
     def _resting(self) -> dict[Placement, _State]:
         """The legal placements (the search's, cached until the board or the piece changes)."""
