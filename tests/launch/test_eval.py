@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from train_runs import free_ports
 
-from actors.policies import PolicyConfig, make_policy
+from actors.policies import ExpertPolicy, PolicyConfig, make_policy
 from launch.eval import evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,6 +127,20 @@ def test_every_policy_meets_the_same_boards():
     assert expert["mean"]["perception"] == 1.0 and random["mean"]["perception"] == 0.0
     again = evaluate(make_policy(PolicyConfig(kind="expert")), "swap", episodes=2, seed=7, max_steps=5)
     assert again["runs"] == expert["runs"]  # same boards, same deterministic expert: the same runs
+
+
+class MisreadingExpert(ExpertPolicy):
+    """The expert with its board text read backwards: full format credit, no perception credit."""
+
+    def respond(self, games):
+        replies = zip(games, super().respond(games), strict=True)
+        return [reply.replace(game.text_observation(), game.text_observation()[::-1]) for game, reply in replies]
+
+
+def test_format_and_perception_are_scored_apart_on_every_response():
+    result = evaluate(MisreadingExpert(), "2048", episodes=2, max_steps=4)
+    assert result["mean"]["format"] == 1.0 and result["mean"]["perception"] == 0.0
+    assert result["mean"]["invalid_rate"] == 0.0 and result["policy"] == "expert"
 
 
 @pytest.fixture
