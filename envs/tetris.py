@@ -479,7 +479,10 @@ class Tetris(Game):
         return self.moves_to(action)
 
     def step(self, action: Any) -> StepResult:
-        state = self._resting().get(action) if isinstance(action, tuple) and not self.terminated else None
+        try:
+            state = self._resting().get(action) if isinstance(action, tuple) and not self.terminated else None
+        except TypeError:  # a tuple holding something unhashable: no placement
+            state = None
         if state is None:
             return StepResult(self.invalid_penalty, self.terminated, {"valid": False})
         piece = _PIECE[self.piece]

@@ -246,6 +246,7 @@ def test_parse_accepts_the_documented_forms_only():
     assert game.parse_action("x" * 100000) is None
     assert game.parse_action("<answer>rotate 9, column 99</answer>") is None
     assert game.step(game.parse_action("rotate 0, column 42")).reward == -1.0  # well formed, not legal
+    assert game.step(([0], 4, 18)).reward == -1.0 and not game.board.any()  # not a placement at all
 
 
 def test_seven_bag_deals_every_piece_once_per_bag():
