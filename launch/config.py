@@ -298,10 +298,11 @@ def _check_across(config: TrainConfig) -> None:
     )
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """Composes configs/train.yaml with command-line style overrides (e.g. ["game=2048", "actors.num=2"])."""
+def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """Composes configs/<config_name>.yaml (train, or sft: the cold start's) with command-line style overrides (e.g.
+    ["game=2048", "actors.num=2"])."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=quote_numeric_choices(overrides))
+        return hydra_compose(config_name=config_name, overrides=quote_numeric_choices(overrides))

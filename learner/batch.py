@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from actors.prompts import chat_prompt
 from learner.grpo import group_advantages
+from learner.sft import SFTExample
 from replay.trajectory import TrajectoryGroup
 
 
@@ -179,3 +181,35 @@ def collate(
         old_logprobs=stack("old_logprobs"),
         ref_logprobs=stack("ref_logprobs"),
     )
+
+
+def encode_sft(examples: list[SFTExample], processor) -> tuple[list[Sample], list[ImageInputs]]:
+    """Cold-start examples as samples: the prompt exactly as a rollout engine sees it, the teacher's answer as target.
+
+    The prompt is the rollout actor's chat prompt (`actors.prompts.chat_prompt`) with its image pad expanded by the
+    processor, as vLLM's processor expands it; the target is the response's tokens plus `<|im_end|>`, which ends
+    every sampled response that stops. Advantages and sampler log-probs are unused (zero).
+
+    Args:
+        examples: this rank's share of the batch.
+        processor: the model directory's processor.
+    """
+    tokenizer = processor.tokenizer
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    samples: list[Sample] = []
+    images: list[ImageInputs] = []
+    for example in examples:
+        text = chat_prompt(tokenizer, example.prompt)
+        out = processor(text=[text], images=[Image.fromarray(example.board())], return_tensors="pt")
+        images.append(ImageInputs(out["pixel_values"], out["image_grid_thw"]))
+        response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [end_of_turn]
+        samples.append(
+            Sample(
+                image=len(images) - 1,
+                prompt_ids=out["input_ids"][0].tolist(),
+                response_ids=torch.tensor(response, dtype=torch.long),
+                sampler_logprobs=torch.zeros(len(response)),
+                advantage=0.0,
+            )
+        )
+    return samples, images

@@ -37,9 +37,10 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam  # isort: skip
 
 from actors.vocab import allowed_token_ids
 from learner import checkpoint
-from learner.batch import MicroBatch, Sample, collate, encode_groups
+from learner.batch import MicroBatch, Sample, collate, encode_groups, encode_sft
 from learner.config import GRPOConfig, LearnerConfig
 from learner.grpo import aggregate, entropy_from_logits, kl_penalty, policy_loss, truncated_is_weights
+from learner.sft import SFTExample, sft_loss
 from learner.weight_sync import SyncGroup, SyncGroupInfo, SyncPlan, pack_bucket, plan_buckets
 from replay.trajectory import TrajectoryGroup
 
@@ -357,6 +358,10 @@ class Learner:
             sums["tokens"] += tokens
             if first_pass:
                 self._sum_sampler_metrics(old.detach(), mb, sums)
+        self._step_optimizer(sums)
+
+    def _step_optimizer(self, sums: dict[str, float]) -> None:
+        """Ends a minibatch (RL or SFT): the optimizer step, its grad norm, or the count of a skipped step."""
         self.engine.step()
         # DeepSpeed's ZeRO-3 step already refuses non-finite gradients (NaN/inf loss included): it zeroes them and
         # leaves weights, optimizer state and the lr schedule untouched. We count and report the skip.
@@ -507,6 +512,75 @@ class Learner:
         checkpoint.load_rng(path, self.rank)
         self._frozen_sent = False  # engines must be sent everything again
         return {"step": self.step, "version": self.version}
+
+    # ------------------------------------------------------------------------------------------- cold start (SFT)
+
+    def sft_update(self, examples: list[SFTExample], lr: float) -> dict[str, float]:
+        """One supervised optimizer step on this rank's share of a batch of teacher responses (G1's cold start).
+
+        The RL update's code path: the same engine, prompt (the rollout actor's chat template), M-RoPE positions and
+        allowed-token mask (`_logprobs` at temperature 1: the policy's own distribution). The token-mean NLL of each
+        micro-batch is scaled by its share of the batch's tokens on all ranks, as `_train_minibatch` scales the
+        policy loss, so W ranks take the step one rank would. Every rank must get as many examples.
+
+        Args:
+            examples: this rank's share of the batch.
+            lr: this step's learning rate: the driver owns the SFT schedule (it knows the run's length).
+
+        Returns:
+            `loss/sft` (token-mean NLL before the step), `optim/grad_norm`, `optim/lr`, `optim/steps`,
+            `optim/skipped_steps`, `perf/update_s`.
+        """
+        start = time.perf_counter()
+        for group in self.scheduler.optimizer.param_groups:  # the scheduler sets its own lr after each step
+            group["lr"] = lr
+        sums = {"optim/grad_norm": 0.0, "optim/steps": 0.0, "optim/skipped_steps": 0.0}
+        micro, total_tokens = self._sft_micro_batches(examples)
+        nll_sum = 0.0
+        for mb in micro:
+            logprobs, _ = self._logprobs(self.engine, mb, 1.0)
+            loss, _ = sft_loss(logprobs, mb.mask)
+            tokens = float(mb.mask.sum())
+            self.engine.backward(loss * (tokens * self.world_size / max(total_tokens, 1.0)))
+            nll_sum += float(loss.detach()) * tokens
+        self._step_optimizer(sums)
+        self.step += 1
+        nll, steps, grad_norm, skipped = self._all_reduce(
+            torch.tensor([nll_sum, sums["optim/steps"], sums["optim/grad_norm"], sums["optim/skipped_steps"]])
+        ).tolist()
+        steps, world = steps / self.world_size, self.world_size
+        return {
+            "loss/sft": nll / max(total_tokens, 1.0),
+            "optim/grad_norm": grad_norm / world / steps if steps else 0.0,
+            "optim/lr": lr,
+            "optim/steps": steps,
+            "optim/skipped_steps": skipped / world,
+            "perf/update_s": time.perf_counter() - start,
+        }
+
+    @torch.no_grad()
+    def sft_eval(self, examples: list[SFTExample]) -> dict[str, float]:
+        """Token-mean NLL of held-out teacher responses over all ranks (every rank must get as many examples).
+
+        Returns:
+            `loss/sft_eval`, and `sft/eval_tokens` (how many tokens it averages).
+        """
+        micro, total_tokens = self._sft_micro_batches(examples)
+        nll_sum = 0.0
+        for mb in micro:
+            logprobs, _ = self._logprobs(self.engine, mb, 1.0)
+            nll_sum += float(sft_loss(logprobs, mb.mask)[0]) * float(mb.mask.sum())
+        nll = float(self._all_reduce(torch.tensor([nll_sum])))
+        return {"loss/sft_eval": nll / max(total_tokens, 1.0), "sft/eval_tokens": total_tokens}
+
+    def _sft_micro_batches(self, examples: list[SFTExample]) -> tuple[list[MicroBatch], float]:
+        """This rank's micro-batches of `examples`, padded to the longest response on any rank, and the number of
+        response tokens of the whole batch (all ranks)."""
+        samples, images = encode_sft(examples, self.processor)
+        longest = max((s.response_len for s in samples), default=1)
+        response_len = int(self._all_reduce(torch.tensor([longest]), dist.ReduceOp.MAX))
+        total_tokens = float(self._all_reduce(torch.tensor([sum(s.response_len for s in samples)])))
+        return self._micro_batches(samples, images, response_len), total_tokens
 
 
 def _resolve_all(items: list[Any]) -> tuple[list[TrajectoryGroup], int]:

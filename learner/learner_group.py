@@ -264,6 +264,24 @@ class LearnerGroup:
         """Restores every rank from a checkpoint directory; returns its step and version."""
         return self._gather([learner.load_checkpoint.remote(path) for learner in self.learners])[0]
 
+    def sft_update(self, examples: list[Any], lr: float) -> dict[str, float]:
+        """One supervised step (G1's cold start) on a batch of `learner.sft.SFTExample`s, sharded over the ranks.
+
+        Raises:
+            ValueError: a batch that does not split evenly over the ranks (ZeRO-3 needs equal micro-batch counts).
+        """
+        return self._gather([learner.sft_update.remote(shard, lr) for learner, shard in self._sft_shards(examples)])[0]
+
+    def sft_eval(self, examples: list[Any]) -> dict[str, float]:
+        """Token-mean NLL of held-out examples (see `sft_update` for the sharding)."""
+        return self._gather([learner.sft_eval.remote(shard) for learner, shard in self._sft_shards(examples)])[0]
+
+    def _sft_shards(self, examples: list[Any]) -> list[tuple[Any, list[Any]]]:
+        world = len(self.learners)
+        if not examples or len(examples) % world:
+            raise ValueError(f"{len(examples)} examples do not split evenly (and non-empty) over learner.num={world}")
+        return [(learner, examples[r::world]) for r, learner in enumerate(self.learners)]
+
     def shutdown(self) -> None:
         """Ends the learner actors."""
         for learner in self.learners:
