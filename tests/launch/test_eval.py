@@ -4,6 +4,7 @@ in-process (the protocols' stops, failed replies counted, the same boards for ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 from train_runs import free_ports
 
@@ -79,6 +81,14 @@ def test_config_errors_fail_at_start_naming_the_key(tmp_path, overrides, message
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
     assert not list((tmp_path / "bad").rglob("*.gif"))
+
+
+def test_every_policy_setting_can_be_overridden_on_the_command_line():
+    """Hydra overrides only keys that eval.yaml has: a PolicyConfig field missing there could not be set."""
+    policy = OmegaConf.load(ROOT / "configs" / "eval.yaml").policy
+    assert list(policy) == [f.name for f in dataclasses.fields(PolicyConfig)]
+    for kind in ("random", "expert", "vllm", "openai"):
+        assert OmegaConf.load(ROOT / "configs" / "policy" / f"{kind}.yaml").kind == kind
 
 
 def test_every_game_then_a_report_merging_two_evaluations(tmp_path):
