@@ -30,10 +30,10 @@ from actors.models import ModelSource
 from actors.prompts import chat_prompt, engine_input
 from actors.vllm_engine import VLLMEngine
 from envs import GamePool, PoolConfig, PooledState
+from replay.buffer import REWARD_PARTS
 from replay.trajectory import TrajectoryGroup
 
 logger = logging.getLogger(__name__)
-REWARD_PARTS = ("total", "game", "format", "perception")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ class RoundStats:
     push_s: float  # ray.put + buffer.put, back-pressure waits included (0 without a buffer)
     round_s: float  # wall time of the whole round
     tokens_per_s: float  # tokens_generated / generation_s
-    env_steps_per_s: float  # game steps (one per scored response, plus continued-episode moves) / env_s
+    env_steps: int  # game steps: random steps after resets, one per scored response, continued-episode moves
+    env_steps_per_s: float  # env_steps / env_s
     invalid_action_rate: float  # share of responses without a valid action
     truncated_rate: float  # share of responses cut by max_new_tokens (no <|im_end|>)
     reward_mean: dict[str, float]  # REWARD_PARTS -> mean over all responses
@@ -64,11 +65,12 @@ class RoundStats:
         return 1.0 - self.generation_s / self.round_s if self.round_s > 0 else 0.0
 
     def to_metrics(self) -> dict[str, float]:
-        """Flat, namespaced scalars (`reward/total`, `reward/<game>/total` when several games, `perf/...`)."""
-        metrics = {f"reward/{part}": value for part, value in self.reward_mean.items()}
+        """Flat, namespaced scalars (`rollout/reward_total`, `rollout/<game>/reward_total` when several games,
+        `perf/...`). The rewards are of generation; `reward/*` are the trained batch's (launch/monitor.py)."""
+        metrics = {f"rollout/reward_{part}": value for part, value in self.reward_mean.items()}
         if len(self.reward_mean_by_game) > 1:
             for game, parts in self.reward_mean_by_game.items():
-                metrics.update({f"reward/{game}/{part}": value for part, value in parts.items()})
+                metrics.update({f"rollout/{game}/reward_{part}": value for part, value in parts.items()})
         metrics.update(
             {
                 "perf/gen_tokens_per_s": self.tokens_per_s,
@@ -182,8 +184,11 @@ class RolloutActor:
         return self.incarnation
 
     # ---- one round --------------------------------------------------------------------------------------------------
-    def run_round(self) -> RoundResult:
+    def run_round(self, num_states: int | None = None) -> RoundResult:
         """Samples states, generates G responses per state in one call, scores them and publishes the groups.
+
+        Args:
+            num_states: states of this round (the driver asks for what a batch still needs); None: states_per_round.
 
         Returns:
             RoundResult: the stats, and the groups when the actor has no buffer.
@@ -194,7 +199,8 @@ class RolloutActor:
         version = self.engine.policy_version
         cfg = self.config
         start = time.perf_counter()
-        states, skipped = self._sample_states(cfg.states_per_round)
+        random_steps = self.pool.random_steps
+        states, skipped = self._sample_states(cfg.states_per_round if num_states is None else num_states)
         if not states:
             raise RuntimeError(f"{self.name}: every state of round {self.rounds} failed; see the logged errors")
         prompt_texts = [self._chat_prompt(s.prompt) for s in states]
@@ -204,7 +210,7 @@ class RolloutActor:
         outputs = self.engine.generate(inputs, self._params)
         generated = time.perf_counter()
 
-        groups, env_steps = [], 0
+        groups, env_steps = [], self.pool.random_steps - random_steps
         for index, (state, text, output) in enumerate(zip(states, prompt_texts, outputs, strict=True)):
             group = self._score(state, text, output, version, index)
             if group is None:
@@ -322,6 +328,7 @@ class RolloutActor:
             push_s=end - scored,
             round_s=end - start,
             tokens_per_s=tokens / generation_s if generation_s > 0 else 0.0,
+            env_steps=env_steps,
             env_steps_per_s=env_steps / env_s if env_s > 0 else 0.0,
             invalid_action_rate=float(np.mean([not r.valid_action for r in rewards])) if rewards else 0.0,
             truncated_rate=float(np.mean([not ok for _, ok in completions])) if completions else 0.0,

@@ -77,6 +77,7 @@ class GamePool:
         self._current: dict[int, str] = {}  # mode "continue": the id of each slot's latest snapshot
         self._cursor = 0
         self._serial = 0
+        self.random_steps = 0  # random legal steps taken after resets so far (the rollout's env-step count)
 
     @classmethod
     def from_config(cls, config: PoolConfig) -> GamePool:
@@ -87,6 +88,7 @@ class GamePool:
         game = envs.make(spec.name, seed=int(self.rng.integers(2**31)), **spec.difficulty)
         for _ in range(spec.steps_after_reset):
             game.step(game.random_legal_action(self.rng))
+            self.random_steps += 1
             if game.terminated:
                 game = envs.make(spec.name, seed=int(self.rng.integers(2**31)), **spec.difficulty)
         return game

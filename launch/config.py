@@ -273,27 +273,23 @@ def _check_across(config: TrainConfig) -> None:
         f"at most the responses per learner rank per step ({samples_per_rank})",
         config.grpo.num_minibatches,
     )
-    # Sync mode launches a round on every actor while the buffer holds less than a batch: room for all of them.
-    per_round = config.actors.num * config.actors.states_per_round
-    need = batch - 1 + per_round if config.trainer.mode == "sync" else batch + config.actors.states_per_round
+    # Sync mode asks for what the batch still needs; async keeps a round in flight while a batch waits.
+    need = batch if config.trainer.mode == "sync" else batch + config.actors.states_per_round
     _require(
         config.buffer.capacity >= need,
         "buffer.capacity",
         f">= {need} (trainer.groups_per_step plus the rounds in flight), or null to size it so",
         config.buffer.capacity,
     )
-    # Versions count learner steps; engines take a new one every weight_sync.every_steps steps.
+    # Versions count learner steps; engines take a new one every weight_sync.every_steps = k steps. Async: the round
+    # a broadcast waits for was made with the previous broadcast's weights, k versions before the new one. Sync makes
+    # only what the batch takes, with the engines' version: nothing waits in the buffer across a broadcast.
     staleness, every = config.buffer.max_staleness, config.weight_sync.every_steps
     _require(
-        staleness >= every - 1,
+        config.trainer.mode == "sync" or staleness >= every,
         "buffer.max_staleness",
-        f">= weight_sync.every_steps - 1 = {every - 1} (versions count learner steps)",
-        staleness,
-    )
-    _require(
-        config.trainer.mode == "sync" or staleness >= 1,
-        "buffer.max_staleness",
-        ">= 1 with trainer.mode=async (groups are made while the learner trains)",
+        f">= weight_sync.every_steps = {every} with trainer.mode=async (the round a broadcast waits for was made "
+        f"{every} version(s) before it; a lower bound drops it)",
         staleness,
     )
 

@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from actors.models import auto_model_name, resolve_model
 from launch import cluster
 from launch.config import TrainConfig, compose, resolve
-from launch.monitor import Monitor, reduce_rounds
+from launch.monitor import Monitor, batch_metrics
 from launch.rollouts import RolloutDriver
 from learner import LearnerGroup, checkpoint
 
@@ -113,22 +113,21 @@ def main(overrides: list[str]) -> None:
                 rollouts.lost_groups += len(items)
                 continue
             step += 1
+            rollouts.learner_stepped(step)  # the learner's weights are a new policy version
             if time.perf_counter() - started > budget_s:
                 last_step = step  # out of time: this step is the last (broadcast, log, checkpoint)
             # 3. broadcast the new weights to every engine (ZeRO-3 gather, bucketed broadcast)
             if step % config.weight_sync.every_steps == 0 or step == last_step:
-                version = step
+                version = rollouts.learner_version
                 metrics["perf/weight_sync_s"] = rollouts.sync_weights(version).total_s
                 ray.get(buffer.set_policy_version.remote(version))
             # 4. log
-            stats = ray.get(buffer.stats.remote())
-            metrics.update(reduce_rounds(round_metrics))
+            scalars, histograms = batch_metrics(items, ray.get(buffer.stats.remote()))
+            metrics.update(round_metrics)
+            metrics.update(scalars)
             metrics.update(rollouts.counters())
-            metrics["buffer/size"] = stats.size
-            metrics["buffer/staleness"] = stats.last_batch_staleness_mean
-            metrics["buffer/dropped"] = stats.dropped
             metrics["perf/step_s"] = time.perf_counter() - t0
-            monitor.log_step(step, metrics)
+            monitor.log_step(step, metrics, histograms)
             if config.trainer.image_every and step % config.trainer.image_every == 0:
                 try:
                     monitor.log_sample(step, ray.get(items[0].ref))

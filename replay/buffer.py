@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -28,6 +28,7 @@ from replay.trajectory import TrajectoryGroup
 # Why an offered group did not come out of `get`: too old for the learner, no GRPO signal, no room in time,
 # offered after `close`, or held when a checkpoint was taken (a restored buffer starts empty).
 DROP_REASONS = ("stale", "uniform_reward", "put_timeout", "closed", "actor_died")
+REWARD_PARTS = ("total", "game", "format", "perception")  # the parts of envs.Reward that BufferItem averages
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class BufferItem:
     uniform_reward: bool  # all G total rewards equal: zero group-relative advantage
     group_size: int  # G
     actor_id: str  # the producer, for debugging and per-actor stats
+    # Mean of each reward part over the group's G responses (envs.Reward fields): the trained batch's reward/* tags.
+    reward_mean: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_group(cls, group: TrajectoryGroup, actor_id: str) -> BufferItem:
@@ -64,6 +67,7 @@ class BufferItem:
             uniform_reward=len(set(totals.tolist())) <= 1,
             group_size=group.group_size,
             actor_id=actor_id,
+            reward_mean={part: float(np.mean([getattr(r, part) for r in group.rewards])) for part in REWARD_PARTS},
         )
 
 
@@ -80,6 +84,8 @@ class BufferStats:
     blocked_puts: int  # puts waiting for room right now (back-pressure in action)
     last_batch_staleness_mean: float  # policy_version minus each group's version, over the last batch handed out
     last_batch_staleness_max: int
+    last_batch_staleness: tuple[int, ...] = ()  # each group's, for the buffer/staleness histogram
+    offered_by_actor: dict[str, int] = field(default_factory=dict)  # producer -> groups it offered (put_count's)
 
     @property
     def dropped(self) -> int:
@@ -103,6 +109,7 @@ class ReplayBuffer:
         self._items: list[BufferItem] = []  # in put order
         self._policy_version = 0
         self._put_count = 0
+        self._offered_by_actor: dict[str, int] = {}
         self._get_count = 0
         self._drops = dict.fromkeys(DROP_REASONS, 0)
         self._blocked_puts = 0
@@ -123,6 +130,7 @@ class ReplayBuffer:
             rewards (if configured), stale, no room within the timeout, or the buffer closed.
         """
         self._put_count += 1
+        self._offered_by_actor[item.actor_id] = self._offered_by_actor.get(item.actor_id, 0) + 1
         if self.config.drop_uniform_reward_groups and item.uniform_reward:
             return self._drop("uniform_reward")
         if self._is_stale(item):  # versions only increase: no point making the producer wait for it
@@ -213,6 +221,8 @@ class ReplayBuffer:
             blocked_puts=self._blocked_puts,
             last_batch_staleness_mean=float(np.mean(staleness)) if staleness else 0.0,
             last_batch_staleness_max=max(staleness, default=0),
+            last_batch_staleness=tuple(staleness),
+            offered_by_actor=dict(self._offered_by_actor),
         )
 
     def close(self) -> None:

@@ -36,9 +36,9 @@ def cluster(ray_local, tiny_model_dir):
         ray.kill(handle)
 
 
-def round_through_buffer(actor, buffer):
+def round_through_buffer(actor, buffer, num_states=None):
     """Runs one round on the actor; returns its stats and its groups as the learner would read them."""
-    result = ray.get(actor.run_round.remote())
+    result = ray.get(actor.run_round.remote(num_states))
     assert result.groups == []  # with a buffer the groups go there, not back to the caller
     items = ray.get(buffer.get.remote(result.stats.num_groups, timeout_s=30.0))
     # Puts submitted together reach an async actor in any order: restore the round's order (state ids end in it).
@@ -95,12 +95,17 @@ def test_weights_pushed_through_ray_stamp_the_next_groups_with_their_version(clu
     assert ray.get(actor.get_policy_version.remote()) == 3
 
 
-def test_env_seconds_and_throughput_are_reported(cluster):
+def test_a_round_of_n_states_reports_every_env_step_and_its_throughput(cluster):
     actor, buffer = cluster
-    stats, _, groups = round_through_buffer(actor, buffer)
+    stats, _, groups = round_through_buffer(actor, buffer, num_states=3)  # the driver asks for what a batch needs
+    assert len(groups) == stats.num_groups == 3
+    # every step taken: the random steps after each reset (2048: 100, swap: 0) and one per scored response
+    random_steps = sum(GameSpec(group.game).steps_after_reset for group in groups)
+    assert random_steps >= 100 and stats.env_steps == random_steps + 3 * G
     metrics = stats.to_metrics()
     assert metrics["perf/gen_tokens_per_s"] == pytest.approx(stats.tokens_generated / stats.generation_s)
-    assert metrics["perf/env_steps_per_s"] == pytest.approx(STATES * G / stats.env_s)  # one step per scored response
-    assert {"reward/total", "reward/2048/total", "reward/swap/format", "rollout/invalid_action_rate"} <= set(metrics)
+    assert metrics["perf/env_steps_per_s"] == pytest.approx(stats.env_steps / stats.env_s)
+    generation = {"rollout/reward_total", "rollout/2048/reward_total", "rollout/swap/reward_format"}
+    assert generation | {"rollout/invalid_action_rate"} <= set(metrics)
+    assert not any(key.startswith("reward/") for key in metrics)  # reward/* are the trained batch's (launch/monitor)
     assert stats.push_s > 0 and stats.round_s >= stats.generation_s + stats.env_s + stats.push_s - 1e-6
-    assert len(groups) == STATES

@@ -163,7 +163,7 @@ def test_killed_rollout_actor_is_restarted_and_the_run_finishes(ray_cluster, tmp
     assert "rollout-1 was restarted" in output
     assert "weight-sync group rebuilt (restarted: ['rollout-1'])" in output  # it got the current weights
     if "died during a round" in output:  # killed mid-round (rather than between rounds): its round is counted lost
-        assert scalars["faults/lost_groups"][-1][1] >= 4
+        assert scalars["faults/lost_groups"][-1][1] >= 2  # its share of the batch: 4 groups over 2 actors
 
 
 def test_resume_continues_from_the_checkpoint_in_async_mode(ray_cluster, tmp_path):
