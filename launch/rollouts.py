@@ -188,7 +188,6 @@ class RolloutDriver:
         """Sync mode: `groups` split evenly over the actors, at most actors.states_per_round each."""
         actors, per_round = len(self.fleet.actors), self.config.actors.states_per_round
         groups = min(groups, actors * per_round)
-        return [per_round] * actors  # BREAK-TEST
         return [groups // actors + (index < groups % actors) for index in range(actors)]
 
     def _keep_busy(self) -> None:
