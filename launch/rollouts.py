@@ -116,6 +116,12 @@ class RolloutDriver:
         self.learner_version = max(step, self.learner_version + 1)
         return self.learner_version
 
+    def replace_learners(self, learners: Any) -> None:
+        """Takes a new learner group in place of one that died; the next `sync_weights` sends it every weight."""
+        self.learners = learners
+        self.sync_group_broken = True  # its sender died with the old group
+        self.learner_restarts += 1
+
     # ---- one batch ------------------------------------------------------------------------------------------------
     def collect(self) -> tuple[list[Any], dict[str, float]]:
         """Generates until the buffer holds trainer.groups_per_step groups, and takes them.

@@ -25,15 +25,19 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import ray
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
+from ray.util.placement_group import PlacementGroup
 
 from actors.models import auto_model_name, resolve_model
 from launch import cluster
 from launch.config import TrainConfig, compose, resolve
 from launch.monitor import Monitor, batch_metrics
 from launch.rollouts import RolloutDriver
-from learner import LearnerGroup, checkpoint
+from learner import LearnerDiedError, LearnerGroup, checkpoint
 
 logger = logging.getLogger("train")
+
+# Learner groups lost (a rank died) in a row, without a step completed in between, before the run gives up.
+LEARNER_RESTARTS = 3
 
 
 def load_config(overrides: list[str]) -> tuple[TrainConfig, bool]:
@@ -50,6 +54,53 @@ def choose_model(overrides: list[str], config: TrainConfig, auto: bool) -> Train
     if not auto or (name := auto_model_name()) == "tiny":  # load_config already composed it as model=tiny
         return config
     return resolve(compose([o for o in overrides if o != "model=auto"] + [f"model={name}"]))
+
+
+def start_learners(
+    config: TrainConfig, placement: PlacementGroup, gpu: bool, ckpt_root: Path, restore: bool
+) -> tuple[LearnerGroup, int, int]:
+    """A new learner group (one DeepSpeed world); with `restore`, restored from the latest checkpoint under
+    `ckpt_root`, else, or when there is none yet, with the model's initial weights.
+
+    Returns:
+        The group, and the step and policy version it starts from.
+    """
+    learners = LearnerGroup(
+        config.learner,
+        config.grpo,
+        config.weight_sync,
+        placement_group=placement,
+        num_cpus=config.resources.learner_cpus,
+        use_gpu=gpu,
+    )
+    if not restore:
+        return learners, 0, 0
+    latest = checkpoint.latest(ckpt_root)
+    if latest is None:
+        print(f"no checkpoint under {ckpt_root}: starting from step 0 with the initial weights")
+        return learners, 0, 0
+    state = learners.load_checkpoint(str(latest))
+    print(f"resumed from {latest}: step {state['step']}, policy version {state['version']}")
+    return learners, state["step"], state["version"]
+
+
+def restart_learners(
+    config: TrainConfig, placement: PlacementGroup, gpu: bool, ckpt_root: Path, rollouts: RolloutDriver, version: int
+) -> tuple[LearnerGroup, int, int]:
+    """Replaces a learner group that died by a new one restored from the latest checkpoint (the initial weights when
+    there is none yet). The rollout actors stay up: a new weight-sync group gives them every restored weight.
+
+    The restored weights go out as a new policy version, `version + 1`: versions only increase (the buffer measures
+    staleness by them), and the groups made by the lost weights are then one version older than the restored ones.
+
+    Returns:
+        The new group, the checkpoint's step (the loop goes on from there), and the version the engines now hold.
+    """
+    learners, step, _ = start_learners(config, placement, gpu, ckpt_root, restore=True)
+    rollouts.replace_learners(learners)
+    rollouts.sync_weights(version + 1)
+    ray.get(rollouts.buffer.set_policy_version.remote(version + 1))
+    return learners, step, version + 1
 
 
 def main(overrides: list[str]) -> None:
@@ -70,30 +121,14 @@ def main(overrides: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"output dir: {out}  (tensorboard --logdir {out / 'tensorboard'})  ray: {where}  model: {model.name}")
 
-    # ---- place the actors: buffer, learner group (one DeepSpeed world), rollout actors (one vLLM engine each)
+    # ---- place the actors: buffer, learner group (one DeepSpeed world), rollout actors (one vLLM engine each);
+    # trainer.resume: weights, optimizer, step and version from the latest checkpoint of this output dir
     buffer = cluster.start_buffer(config)
-    learners = LearnerGroup(
-        config.learner,
-        config.grpo,
-        config.weight_sync,
-        placement_group=cluster.learner_placement(config, gpu),
-        num_cpus=config.resources.learner_cpus,
-        use_gpu=gpu,
-    )
-    fleet = cluster.start_rollouts(config, model, buffer, gpu)
-
-    # ---- resume: weights, optimizer, step and version from the latest checkpoint of this output dir
-    step, version = 0, 0
     ckpt_root = out / config.checkpoint.dir
-    if config.trainer.resume:
-        latest = checkpoint.latest(ckpt_root)
-        if latest is None:
-            print(f"trainer.resume=true but no checkpoint under {ckpt_root}: starting from step 0")
-        else:
-            state = learners.load_checkpoint(str(latest))
-            step, version = state["step"], state["version"]
-            ray.get(buffer.set_policy_version.remote(version))
-            print(f"resumed from {latest}: step {step}, policy version {version}")
+    learner_placement = cluster.learner_placement(config, gpu)
+    learners, step, version = start_learners(config, learner_placement, gpu, ckpt_root, config.trainer.resume)
+    ray.get(buffer.set_policy_version.remote(version))
+    fleet = cluster.start_rollouts(config, model, buffer, gpu)
     learners.init_weight_sync(fleet.actors, workers_per_engine=config.actors.tp)
     rollouts = RolloutDriver(config, fleet, buffer, learners)
     rollouts.sync_weights(version)  # engines start from the learner's weights (the checkpoint's after a resume)
@@ -102,40 +137,53 @@ def main(overrides: list[str]) -> None:
     started = time.perf_counter()
     budget_s = (config.trainer.max_minutes or float("inf")) * 60
     last_step = config.trainer.total_steps
+    learner_losses = 0  # learner groups lost (a rank died) since the last completed step
     try:
         while step < last_step:
             t0 = time.perf_counter()
-            # 1. generate: rounds until the buffer holds a batch (sync), or keep every actor busy (async)
-            items, round_metrics = rollouts.collect()
-            # 2. train: one GRPO update on B groups, sharded over the learner ranks
-            metrics = learners.update(items)
-            if metrics.get("learner/skipped_update"):  # some groups died with their actor: no step this time
-                rollouts.lost_groups += len(items)
-                continue
-            step += 1
-            rollouts.learner_stepped(step)  # the learner's weights are a new policy version
-            if time.perf_counter() - started > budget_s:
-                last_step = step  # out of time: this step is the last (broadcast, log, checkpoint)
-            # 3. broadcast the new weights to every engine (ZeRO-3 gather, bucketed broadcast)
-            if step % config.weight_sync.every_steps == 0 or step == last_step:
-                version = rollouts.learner_version
-                metrics["perf/weight_sync_s"] = rollouts.sync_weights(version).total_s
-                ray.get(buffer.set_policy_version.remote(version))
-            # 4. log
-            scalars, histograms = batch_metrics(items, ray.get(buffer.stats.remote()))
-            metrics.update(round_metrics)
-            metrics.update(scalars)
-            metrics.update(rollouts.counters())
-            metrics["perf/step_s"] = time.perf_counter() - t0
-            monitor.log_step(step, metrics, histograms)
-            if config.trainer.image_every and step % config.trainer.image_every == 0:
-                try:
-                    monitor.log_sample(step, ray.get(items[0].ref))
-                except ray.exceptions.ObjectLostError:  # its actor died since the learner read it: no image this time
-                    pass
-            # 5. checkpoint (atomic: a killed run resumes from the last complete one)
-            if config.checkpoint.due(step) or step == last_step:
-                learners.save_checkpoint(str(ckpt_root), config.to_dict(), config.checkpoint.keep_last)
+            try:
+                if learners is None:  # the group died: a new one from the latest checkpoint, on from its step
+                    learners, step, version = restart_learners(
+                        config, learner_placement, gpu, ckpt_root, rollouts, version
+                    )
+                # 1. generate: rounds until the buffer holds a batch (sync), or keep every actor busy (async)
+                items, round_metrics = rollouts.collect()
+                # 2. train: one GRPO update on B groups, sharded over the learner ranks
+                metrics = learners.update(items)
+                if metrics.get("learner/skipped_update"):  # some groups died with their actor: no step this time
+                    rollouts.lost_groups += len(items)
+                    continue
+                step += 1
+                rollouts.learner_stepped(step)  # the learner's weights are a new policy version
+                if time.perf_counter() - started > budget_s:
+                    last_step = step  # out of time: this step is the last (broadcast, log, checkpoint)
+                # 3. broadcast the new weights to every engine (ZeRO-3 gather, bucketed broadcast)
+                if step % config.weight_sync.every_steps == 0 or step == last_step:
+                    version = rollouts.learner_version  # the step, unless a learner restart went back to an older one
+                    metrics["perf/weight_sync_s"] = rollouts.sync_weights(version).total_s
+                    ray.get(buffer.set_policy_version.remote(version))
+                # 4. log
+                scalars, histograms = batch_metrics(items, ray.get(buffer.stats.remote()))
+                metrics.update(round_metrics)
+                metrics.update(scalars)
+                metrics.update(rollouts.counters())
+                metrics["perf/step_s"] = time.perf_counter() - t0
+                monitor.log_step(step, metrics, histograms)
+                if config.trainer.image_every and step % config.trainer.image_every == 0:
+                    try:
+                        monitor.log_sample(step, ray.get(items[0].ref))
+                    except ray.exceptions.ObjectLostError:  # its actor died since the learner read it: no image
+                        pass
+                # 5. checkpoint (atomic: a killed run resumes from the last complete one)
+                if config.checkpoint.due(step) or step == last_step:
+                    learners.save_checkpoint(str(ckpt_root), config.to_dict(), config.checkpoint.keep_last)
+                learner_losses = 0
+            except LearnerDiedError as e:  # killed, out of memory: the other ranks were ended with it
+                learner_losses += 1
+                if learner_losses > LEARNER_RESTARTS:
+                    raise
+                logger.warning("%s; restarting the learner group (%d/%d)", e, learner_losses, LEARNER_RESTARTS)
+                learners = None
     finally:
         monitor.close()
         rollouts.stop()

@@ -46,11 +46,15 @@ from replay.trajectory import TrajectoryGroup
 
 logger = logging.getLogger(__name__)
 
-# Per-token metrics, averaged over the update's tokens on all ranks (loss terms as aggregated per micro-batch).
-_TOKEN_METRICS = ("loss/policy", "loss/kl", "loss/total", "policy/entropy", "policy/clip_fraction", "policy/approx_kl")
+# Loss terms, averaged over the update's loss units on all ranks (tokens, or sequences in the seq-mean modes: then a
+# micro-batch's aggregate times its units sums exactly, whatever the sharding), and per-token metrics over its tokens.
+_LOSS_METRICS = ("loss/policy", "loss/kl", "loss/total", "policy/entropy")
+_TOKEN_METRICS = ("policy/clip_fraction", "policy/approx_kl")
 # Sampler-vs-learner metrics of the first pass's tokens (before any optimizer step of the update moved the policy).
 _FIRST_PASS_METRICS = ("policy/logprob_diff", "policy/is_mean", "policy/is_truncated_share")
 _SUM_KEYS = (
+    *_LOSS_METRICS,
+    "units",
     *_TOKEN_METRICS,
     "tokens",
     *_FIRST_PASS_METRICS,
@@ -258,8 +262,7 @@ class Learner:
         entropy_grad = torch.is_grad_enabled() and self.grpo.entropy_coef > 0
         step = max(1, _LOGIT_CHUNK_ROWS // logits.shape[0])
         normalisers, entropies = [], []
-        for lo in range(0, logits.shape[1], step):
-            chunk = logits[:, lo : lo + step]  # (B, k, V)
+        for chunk in logits.split(step, dim=1):  # (B, k, V); split: one backward concatenates every chunk's grad
             if torch.is_grad_enabled():
                 lse, entropy = torch.utils.checkpoint.checkpoint(
                     self._normalise, chunk, temperature, with_entropy, entropy_grad, use_reentrant=False
@@ -348,14 +351,15 @@ class Learner:
                 kl = aggregate(kl_penalty(logprobs, mb.ref_logprobs, g.kl_estimator), mb.mask, g.loss_agg)
             loss = (pg_loss + g.kl_coef * kl - g.entropy_coef * entropy) * self._sum_norm_scale(response_len)
             # This micro-batch's share of the minibatch over all ranks; x W undoes DeepSpeed's gradient averaging.
-            self.engine.backward(loss * (self._units(mb.mask) * self.world_size / max(total_units, 1.0)))
+            units, tokens = self._units(mb.mask), float(mb.mask.sum())
+            self.engine.backward(loss * (units * self.world_size / max(total_units, 1.0)))
 
-            tokens = float(mb.mask.sum())
-            values = torch.stack([pg_loss, kl, loss, entropy]).detach().tolist()
-            values += [pg_metrics["clip_fraction"], pg_metrics["approx_kl"]]
-            for key, value in zip(_TOKEN_METRICS, values, strict=True):
-                sums[key] += value * tokens
-            sums["tokens"] += tokens
+            losses = torch.stack([pg_loss, kl, loss, entropy]).detach().tolist()
+            for key, value in zip(_LOSS_METRICS, losses, strict=True):
+                sums[key] += value * units
+            for key in _TOKEN_METRICS:
+                sums[key] += pg_metrics[key.removeprefix("policy/")] * tokens
+            sums["units"], sums["tokens"] = sums["units"] + units, sums["tokens"] + tokens
             if first_pass:
                 self._sum_sampler_metrics(old.detach(), mb, sums)
         self._step_optimizer(sums)
@@ -399,7 +403,8 @@ class Learner:
             zip(_SUM_KEYS, self._all_reduce(torch.tensor([sums[k] for k in _SUM_KEYS])).tolist(), strict=True)
         )
         maxima = self._all_reduce(torch.tensor([sums[k] for k in _MAX_KEYS]), dist.ReduceOp.MAX).tolist()
-        metrics = {k: totals[k] / max(totals["tokens"], 1.0) for k in _TOKEN_METRICS}
+        metrics = {k: totals[k] / max(totals["units"], 1.0) for k in _LOSS_METRICS}
+        metrics.update({k: totals[k] / max(totals["tokens"], 1.0) for k in _TOKEN_METRICS})
         metrics.update({k: totals[k] / max(totals["first_pass_tokens"], 1.0) for k in _FIRST_PASS_METRICS})
         metrics.update(zip(_MAX_KEYS, maxima, strict=True))
         steps = totals["optim/steps"] / self.world_size

@@ -169,11 +169,11 @@ class LearnerGroup:
     def _fail(self, refs: list[ray.ObjectRef], first: Exception) -> None:
         """Shuts the group down and raises the failure: a death if any rank died, else `first`."""
         dead = [(rank, death) for rank, ref in enumerate(refs) if (death := _death(ref)) is not None]
-        logger.error("a learner rank failed (%s); killing every rank of the group", str(first).splitlines()[0])
+        logger.error("a learner rank failed (%s); killing every rank of the group", type(first).__name__)
         self.shutdown()
         if dead:
             rank, cause = dead[0]
-            raise LearnerDiedError(f"learner rank {rank} died: {str(cause).splitlines()[0]}") from cause
+            raise LearnerDiedError(f"learner rank {rank} died ({type(cause).__name__})") from cause
         raise first
 
     def _check_open(self) -> None:

@@ -55,6 +55,9 @@ DESIGN_TAGS = [
     "buffer/size",
     "buffer/staleness",
     "policy/logprob_diff",
+    "policy/is_mean",
+    "policy/is_max",
+    "policy/is_truncated_share",
 ]
 
 

@@ -83,6 +83,25 @@ class RayCluster:
             time.sleep(3)
 
 
+def start_train(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Starts launch/train.py in the background; its output (stdout and stderr) is read with `read_until`."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "launch" / "train.py"), *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def read_until(driver: subprocess.Popen, until: str) -> list[str]:
+    """The driver's next output lines, up to the first one containing `until` (e.g. "step     2": the run is
+    training), or to the end of its output."""
+    lines = []
+    for line in driver.stdout:
+        lines.append(line)
+        if until in line:
+            break
+    return lines
+
+
 def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series of a run's event files: tag -> [(step, value), ...]."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

