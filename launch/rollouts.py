@@ -30,6 +30,9 @@ again the weight-sync group is rebuilt with it, whose first broadcast sends ever
 itself away by its incarnation (a new id per process), checked on every round it returns and before every
 broadcast, so a death while the actor was idle, which raises nothing, is found too. A death during a broadcast fails
 the broadcast (learner.WeightSyncError); the group is rebuilt with the restarted actor and the broadcast repeated.
+
+A learner group that died is replaced (launch/train.py restores a new one from the latest checkpoint): the actors
+stay up, and the next broadcast rebuilds the weight-sync group with the new learner rank 0 and sends every weight.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class RolloutDriver:
         self.incarnations = ray.get([actor.get_incarnation.remote() for actor in fleet.actors])
         self.restarted: set[int] = set()  # actors restarted since the weight-sync group was built
         self.restarts = 0
+        self.learner_restarts = 0
         self.lost_groups = 0  # groups of interrupted rounds, of dead actors in the buffer, of skipped updates
         self.sync_group_broken = False  # a broadcast failed: the group must be rebuilt before the next one
 
@@ -178,7 +182,11 @@ class RolloutDriver:
 
     def counters(self) -> dict[str, float]:
         """Fault counters for TensorBoard."""
-        return {"faults/actor_restarts": float(self.restarts), "faults/lost_groups": float(self.lost_groups)}
+        return {
+            "faults/actor_restarts": float(self.restarts),
+            "faults/learner_restarts": float(self.learner_restarts),
+            "faults/lost_groups": float(self.lost_groups),
+        }
 
     def stop(self) -> None:
         """Drops the rounds still in flight (end of run or error)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from train_runs import REPO, tensorboard_scalars
+from train_runs import REPO, read_until, start_train, tensorboard_scalars
 
 from launch.config import TrainConfig, compose
 from launch.train import load_config
@@ -145,15 +145,9 @@ def test_killed_rollout_actor_is_restarted_and_the_run_finishes(ray_cluster, tmp
     cluster = ray_cluster(num_cpus=4)
     out = tmp_path / "run"
     steps = 6
-    driver = subprocess.Popen(
-        [sys.executable, TRAIN, *SMALL, "actors.num=2", f"trainer.total_steps={steps}", f"output_dir={out}"],
-        cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    log = []
-    for line in driver.stdout:  # wait until the run is training, then kill an actor's process
-        log.append(line)
-        if "step     2" in line:
-            break
+    args = [*SMALL, "actors.num=2", f"trainer.total_steps={steps}", f"output_dir={out}"]
+    driver = start_train(args, cluster.env)
+    log = read_until(driver, "step     2")  # the run is training: kill an actor's process
     kill = "import ray; ray.init(namespace='vlm-gym-rl');ray.kill(ray.get_actor('rollout-1'), no_restart=False)"
     subprocess.run([sys.executable, "-c", kill], env=cluster.env, check=True, timeout=120)
     log.extend(driver.stdout)
