@@ -42,6 +42,8 @@ class TrainerConfig:
         round_timeout_s: how long the driver waits for a batch before it reports the actors as stuck.
         max_minutes: wall-clock budget of the run (null: none); the run ends after the step that passes it, with a
             checkpoint, as if total_steps were reached.
+        verbose: show the components' own logs (vLLM, DeepSpeed, Ray, transformers' progress bars, deprecation
+            warnings) on the console; off, the run prints its progress bar, one line per step and errors.
     """
 
     mode: str = "sync"
@@ -51,6 +53,7 @@ class TrainerConfig:
     image_every: int = 10
     round_timeout_s: float = 900.0
     max_minutes: float | None = None
+    verbose: bool = False
 
     def validate(self) -> TrainerConfig:
         _require(self.mode in TRAINER_MODES, "trainer.mode", f"one of {', '.join(TRAINER_MODES)}", self.mode)
@@ -80,6 +83,7 @@ class TrainerConfig:
             "null or a number > 0",
             self.max_minutes,
         )
+        _require(isinstance(self.verbose, bool), "trainer.verbose", "true or false", self.verbose)
         return self
 
 
