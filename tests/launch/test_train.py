@@ -144,7 +144,7 @@ def test_ray_job_submit_on_two_nodes_logs_every_tag_each_step(ray_cluster, tmp_p
 def test_killed_rollout_actor_is_restarted_and_the_run_finishes(ray_cluster, tmp_path):
     cluster = ray_cluster(num_cpus=4)
     out = tmp_path / "run"
-    steps = 6
+    steps = 10  # enough that the run is still going when the kill lands (a step of 2 + 2 groups takes seconds)
     args = [*SMALL, "actors.num=2", f"trainer.total_steps={steps}", f"output_dir={out}"]
     driver = start_train(args, cluster.env)
     log = read_until(driver, "step     2")  # the run is training: kill an actor's process
