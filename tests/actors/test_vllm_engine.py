@@ -143,3 +143,9 @@ def test_a_model_without_weight_files_runs_on_random_weights(tmp_path):
         assert 1 <= len(completion.token_ids) == len(logprobs) <= 8 and all(-1e4 < lp <= 0 for lp in logprobs)
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):  # the same directory is no real checkpoint
         check_model_dir(directory)
+
+
+def test_auto_dtype_is_the_models_own_on_cpu(actor):
+    # vLLM's CPU build would pick bf16 for this fp32 model; the learner trains in fp32, so the sampler must too.
+    assert CONFIG.dtype == "auto"
+    assert actor.engine.llm.llm_engine.model_config.dtype == torch.float32
