@@ -1,5 +1,5 @@
 """Learner faults on real DeepSpeed worlds: one rank's error or death ends every rank at once, and a random-init
-reference model equals the initial policy (tests/launch/test_learner_faults.py restarts a run's learner group)."""
+reference model equals the initial policy (tests/launch/test_learner_restart.py restarts a run's learner group)."""
 
 from __future__ import annotations
 
