@@ -407,13 +407,20 @@ class Learner:
         metrics.update({k: totals[k] / max(totals["tokens"], 1.0) for k in _TOKEN_METRICS})
         metrics.update({k: totals[k] / max(totals["first_pass_tokens"], 1.0) for k in _FIRST_PASS_METRICS})
         metrics.update(zip(_MAX_KEYS, maxima, strict=True))
-        steps = totals["optim/steps"] / self.world_size
-        metrics["optim/grad_norm"] = totals["optim/grad_norm"] / self.world_size / steps if steps else 0.0
-        metrics["optim/steps"] = steps
-        metrics["optim/skipped_steps"] = totals["optim/skipped_steps"] / self.world_size
+        metrics.update(self._optimizer_metrics(totals))
         metrics["optim/lr"] = float(self.scheduler.get_last_lr()[0])
         metrics["perf/update_s"] = elapsed
         return metrics
+
+    def _optimizer_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        """`optim/grad_norm` (mean over the steps applied), `optim/steps`, `optim/skipped_steps` from the sums over
+        ranks of `_step_optimizer`'s counters: every rank counts every (global) step, so each sum is divided by W."""
+        steps = totals["optim/steps"] / self.world_size
+        return {
+            "optim/grad_norm": totals["optim/grad_norm"] / self.world_size / steps if steps else 0.0,
+            "optim/steps": steps,
+            "optim/skipped_steps": totals["optim/skipped_steps"] / self.world_size,
+        }
 
     def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         t = t.to(self.device)
@@ -550,16 +557,12 @@ class Learner:
             nll_sum += float(loss.detach()) * tokens
         self._step_optimizer(sums)
         self.step += 1
-        nll, steps, grad_norm, skipped = self._all_reduce(
-            torch.tensor([nll_sum, sums["optim/steps"], sums["optim/grad_norm"], sums["optim/skipped_steps"]])
-        ).tolist()
-        steps, world = steps / self.world_size, self.world_size
+        keys = ("loss/sft", *sums)
+        totals = dict(zip(keys, self._all_reduce(torch.tensor([nll_sum, *sums.values()])).tolist(), strict=True))
         return {
-            "loss/sft": nll / max(total_tokens, 1.0),
-            "optim/grad_norm": grad_norm / world / steps if steps else 0.0,
+            "loss/sft": totals["loss/sft"] / max(total_tokens, 1.0),
+            **self._optimizer_metrics(totals),
             "optim/lr": lr,
-            "optim/steps": steps,
-            "optim/skipped_steps": skipped / world,
             "perf/update_s": time.perf_counter() - start,
         }
 
