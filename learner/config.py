@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Aggregation modes and KL estimators implemented by learner.grpo (kept here so configs fail before any import of it).
+# Aggregation modes, KL estimators and objectives implemented by learner.grpo (kept here so that configs fail before
+# any import of it).
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+OBJECTIVES = ("ppo", "decoupled")
 DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 DEEPSPEED_PRESETS = {"cpu": "zero3_cpu_fp32.json", "gpu": "zero3_gpu_bf16.json"}
 
@@ -48,7 +50,11 @@ class GRPOConfig:
     entropy_coef: float = 0.0
     """Weight of the entropy bonus (subtracted from the loss)."""
     is_cap: float | None = 2.0
-    """Cap of the truncated importance weight old/sampler for tokens sampled by older weights; None: no correction."""
+    """Cap of the importance weight old/sampler of tokens sampled by other weights (see objective); None: no
+    correction under 'ppo', the weights as they are under 'decoupled'."""
+    objective: str = "ppo"
+    """One of OBJECTIVES: what a weight above is_cap does: 'ppo' truncates it (verl's TIS), 'decoupled' drops the
+    token (AReaL's decoupled PPO); both clip the ratio current/old, old being the learner's weights (learner.grpo)."""
     ppo_epochs: int = 1
     """Passes over each update's batch."""
     num_minibatches: int = 1
@@ -64,6 +70,7 @@ class GRPOConfig:
         _require(self.kl_estimator in KL_ESTIMATORS, "grpo.kl_estimator", f"one of {KL_ESTIMATORS}", self.kl_estimator)
         _require(self.entropy_coef >= 0.0, "grpo.entropy_coef", "a number >= 0", self.entropy_coef)
         _require(self.is_cap is None or self.is_cap >= 1.0, "grpo.is_cap", "None or a number >= 1", self.is_cap)
+        _require(self.objective in OBJECTIVES, "grpo.objective", f"one of {OBJECTIVES}", self.objective)
         _require(self.ppo_epochs >= 1, "grpo.ppo_epochs", "an integer >= 1", self.ppo_epochs)
         _require(self.num_minibatches >= 1, "grpo.num_minibatches", "an integer >= 1", self.num_minibatches)
         return self

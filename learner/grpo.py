@@ -11,6 +11,19 @@ Variants follow the papers and peers listed in docs/paper.md: GRPO (DeepSeekMath
 (https://arxiv.org/abs/2503.20783: no std scaling, constant length normaliser), DAPO
 (https://arxiv.org/abs/2503.14476: clip-higher, token-level mean), dual clip (https://arxiv.org/abs/1912.09729, as in
 verl and OpenRLHF) and truncated importance sampling (verl's TIS).
+
+Three policies meet in the loss (`grpo.objective`). The behaviour policy sampled the tokens: the vLLM engines, whose
+kernels differ from the learner's and whose weights, in async mode, are up to `buffer.max_staleness` versions old.
+The proximal policy is the learner's weights when the update starts; the learner recomputes its log-probs. The
+current policy is the one being trained. The PPO ratio is always current/proximal, so the trust region is around the
+learner's own weights however old the data is, and each token's loss is weighted by proximal/behaviour
+(`behaviour_weights`). The two objectives differ in what a weight above `grpo.is_cap` does:
+- `ppo` truncates it at the cap (verl's TIS); without a cap there is no correction.
+- `decoupled` drops the token from the loss (weight 0), as AReaL's decoupled PPO objective does
+  (https://arxiv.org/abs/2505.24298, `behav_imp_weight_cap`): a token the sampler found that much less likely than
+  the proximal policy does is treated as too stale to reweight, not counted at the cap. Without a cap the weight is
+  used as it is.
+Both leave an on-policy token (weight 1) as it is, so they give the same loss when behaviour == proximal.
 """
 
 from collections.abc import Callable
@@ -63,6 +76,7 @@ class Registry(Generic[FnT]):
 
 AGGREGATIONS: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry("loss aggregation")
 KL_ESTIMATORS: Registry[Callable[[Tensor], Tensor]] = Registry("KL estimator")
+OBJECTIVES: Registry[Callable[[Tensor, Tensor, float | None], Tensor | None]] = Registry("policy objective")
 
 
 def group_advantages(
@@ -181,7 +195,7 @@ def policy_loss(
     `loss = max(-A * r, -A * clamp(r, 1 - clip_low, 1 + clip_high))`. A clip_high above clip_low is DAPO's
     clip-higher (0.28 vs 0.2), which keeps low-probability tokens explorable. With `dual_clip = c`, tokens with
     A < 0 are further bounded by `-A * c`, so one token with a huge ratio cannot dominate the update.
-    `is_weights` multiply the clipped per-token loss as constants (see `truncated_is_weights`).
+    `is_weights` multiply the clipped per-token loss as constants (see `behaviour_weights`).
 
     Args:
         logprobs: `(B, T)` log-probs of the response tokens under the policy being trained (with grad).
@@ -310,6 +324,36 @@ def truncated_is_weights(learner_old_logprobs: Tensor, sampler_logprobs: Tensor,
     if cap <= 0:
         raise ValueError(f"cap must be > 0, got {cap}")
     return torch.exp(learner_old_logprobs.detach() - sampler_logprobs.detach()).clamp(max=cap)
+
+
+def behaviour_weights(
+    proximal_logprobs: Tensor, behaviour_logprobs: Tensor, objective: str, cap: float | None
+) -> Tensor | None:
+    """Per-token importance weights proximal/behaviour for `policy_loss`, as the objective treats those above `cap`.
+
+    Args:
+        proximal_logprobs: `(B, T)` log-probs of the response tokens under the learner's weights at the start of
+            the update (recomputed by the learner).
+        behaviour_logprobs: `(B, T)` log-probs the actor's vLLM engine reported when sampling.
+        objective: A name in `OBJECTIVES.names()`: "ppo" (truncate at `cap`) or "decoupled" (drop above `cap`).
+        cap: Bound on a weight (>= 1 in configs), or None: no correction under "ppo", raw weights under "decoupled".
+
+    Returns:
+        `(B, T)` detached weights, or None when there is nothing to correct; masked positions may hold garbage.
+    """
+    return OBJECTIVES.get(objective)(proximal_logprobs.detach(), behaviour_logprobs.detach(), cap)
+
+
+@OBJECTIVES.register("ppo")
+def _truncated_weights(proximal_logprobs: Tensor, behaviour_logprobs: Tensor, cap: float | None) -> Tensor | None:
+    return None if cap is None else truncated_is_weights(proximal_logprobs, behaviour_logprobs, cap)
+
+
+@OBJECTIVES.register("decoupled")
+def _decoupled_weights(proximal_logprobs: Tensor, behaviour_logprobs: Tensor, cap: float | None) -> Tensor:
+    weights = torch.exp(proximal_logprobs - behaviour_logprobs)  # (B, T)
+    # `<=` is false for NaN (padding's -inf - -inf), so such positions become 0 too.
+    return weights if cap is None else torch.where(weights <= cap, weights, 0.0)
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

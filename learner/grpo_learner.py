@@ -39,7 +39,7 @@ from actors.vocab import allowed_token_ids
 from learner import checkpoint
 from learner.batch import MicroBatch, Sample, collate, encode_groups, encode_sft
 from learner.config import GRPOConfig, LearnerConfig
-from learner.grpo import aggregate, entropy_from_logits, kl_penalty, policy_loss, truncated_is_weights
+from learner.grpo import aggregate, behaviour_weights, entropy_from_logits, kl_penalty, policy_loss
 from learner.sft import SFTExample, sft_loss
 from learner.weight_sync import SyncGroup, SyncGroupInfo, SyncPlan, pack_bucket, plan_buckets
 from replay.trajectory import TrajectoryGroup
@@ -188,7 +188,8 @@ class Learner:
             `loss/policy`, `loss/kl`, `loss/total`, `policy/entropy`, `policy/clip_fraction`, `policy/approx_kl`,
             `policy/logprob_diff` (mean |learner - sampler| log-prob, before the update), `policy/is_mean`,
             `policy/is_max`, `policy/is_truncated_share` (the importance weight learner/sampler before its
-            truncation at `grpo.is_cap`, over the same tokens), `optim/grad_norm`,
+            truncation at `grpo.is_cap`, over the same tokens; with `grpo.objective=decoupled` the share is that
+            of the tokens dropped), `optim/grad_norm`,
             `optim/lr`, `optim/steps`, `optim/skipped_steps` (in this update), `perf/update_s`.
         """
         start = time.perf_counter()
@@ -341,8 +342,10 @@ class Learner:
         for mb in micro:
             logprobs, entropies = self._logprobs(self.engine, mb, self.config.temperature, with_entropy=True)
             entropy = aggregate(entropies, mb.mask, g.loss_agg)
+            # The proximal policy: precomputed when an optimizer step comes before this micro-batch's pass; otherwise
+            # the weights have not moved since the update began, and this forward's own log-probs are exactly it.
             old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()  # (B, T)
-            is_weights = truncated_is_weights(old, mb.sampler_logprobs, g.is_cap) if g.is_cap else None
+            is_weights = behaviour_weights(old, mb.sampler_logprobs, g.objective, g.is_cap)
             pg_loss, pg_metrics = policy_loss(
                 logprobs, old, mb.advantages, mb.mask, g.clip_low, g.clip_high, g.loss_agg, g.dual_clip, is_weights
             )
