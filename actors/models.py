@@ -5,7 +5,11 @@ Names (`model=...` on the command line):
 - `qwen2_5_vl_3b`, `qwen2_5_vl_7b`: the published instruct models, by hub name or a local `path`;
 - `qwen2_5_vl_3b_random`: the 3B architecture with random weights (config written from the published dimensions,
   the tiny tokenizer), for GPU throughput benchmarks with no hub: engines use `load_format="dummy"`;
-- `auto`: `tiny` when the Ray cluster (or, without Ray, this machine) has no GPU, else `qwen2_5_vl_3b`.
+- `tiny_g1`: the tiny model after G1's cold start on 2048 (`launch/sft.py` with TINY_G1_COLD_START: the expert
+  teaches it the answer format and to read the board), built on first use and cached like the tiny model, so that
+  RL on CPU starts from a model that already plays and its game reward can rise;
+- `auto`: where the Ray cluster (or, without Ray, this machine) has a GPU `qwen2_5_vl_3b`; else `tiny_g1` for a run
+  of 2048 alone (the game its cold start taught) and `tiny` for any other.
 
 Start-up checks give errors that say what is wrong and how to fix it: vLLM missing or broken (which package, and
 `bash launch/install.sh`), a model directory missing a file (which one).
@@ -15,14 +19,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 from actors.tiny_model import ensure_model_dir, ensure_tiny_model
 
-MODEL_NAMES = ("auto", "tiny", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_3b_random")
+MODEL_NAMES = ("auto", "tiny", "tiny_g1", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_3b_random")
 BUILT_MODELS = ("tiny", "qwen2_5_vl_3b_random")  # built locally by actors/tiny_model.py, cached per node
+# tiny_g1's cold start: launch/sft.py's command line (its cache key). 2048's boards are ones the tiny model learns to
+# read; the expert answers every state and G1's filter keeps them all (its perception is the ground truth).
+TINY_G1_COLD_START = ("game=2048", "model=tiny", "collect.states=1000", "sft.epochs=2")
 HUB_NAMES = {"qwen2_5_vl_3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl_7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
 
 # Qwen2.5-VL-3B-Instruct's published config.json (language model and vision tower).
@@ -148,12 +156,16 @@ def cluster_has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def auto_model_name() -> str:
-    """What `model=auto` means here, said in one line: Qwen2.5-VL-3B where the Ray cluster (or, unconnected, this
-    machine) has a GPU, else the tiny local model."""
+def auto_model_name(games: Sequence[str] = ()) -> str:
+    """What `model=auto` means for a run of `games`, said in one line: Qwen2.5-VL-3B where the Ray cluster (or,
+    unconnected, this machine) has a GPU; else the tiny local model, cold-started (tiny_g1) when the run plays 2048
+    alone."""
     if cluster_has_gpu():
         print("model=auto: GPUs in the cluster, using Qwen2.5-VL-3B (model=qwen2_5_vl_3b)")
         return "qwen2_5_vl_3b"
+    if tuple(games) == ("2048",):
+        print("model=auto: no GPU in the cluster, the tiny local Qwen2.5-VL after G1's cold start (model=tiny_g1)")
+        return "tiny_g1"
     print("model=auto: no GPU in the cluster, using the tiny local Qwen2.5-VL (model=tiny)")
     return "tiny"
 
@@ -203,6 +215,10 @@ def resolve_model(name: str, path: str | os.PathLike | None = None, cache_dir: s
         return ModelSource(name, str(check_model_dir(path, require_weights=not random_weights)), random_weights)
     if name == "tiny":
         built = ensure_tiny_model(cache_dir)
+    elif name == "tiny_g1":
+        from launch.sft import ensure_cold_start  # the cold start is launch/sft.py's pipeline: imported when used
+
+        built = ensure_cold_start(name, TINY_G1_COLD_START, cache_dir)
     elif random_weights:
         built = ensure_model_dir(
             name,

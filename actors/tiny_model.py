@@ -13,11 +13,13 @@ Two details decide whether the tiny model can learn anything (see docs cpu-stack
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -272,9 +274,7 @@ def ensure_model_dir(name: str, cache_dir: str | os.PathLike | None = None, seed
     """A model directory built by `build_tiny_model(..., **build_kwargs)` on first use, then reused from the cache.
 
     The cache key changes with this module's source, the corpus (the games' texts), the arguments and the library
-    versions, so a changed builder or game never serves a stale model. Safe when several processes (e.g. rollout
-    actors) call it at once: each builds into a private temporary directory and renames it into place; the loser of
-    the race uses the winner's copy.
+    versions, so a changed builder or game never serves a stale model.
     """
     import tokenizers
     import transformers
@@ -283,14 +283,28 @@ def ensure_model_dir(name: str, cache_dir: str | os.PathLike | None = None, seed
     digest = hashlib.sha256(Path(__file__).read_bytes())
     digest.update("\x00".join(corpus).encode())
     digest.update(repr((seed, sorted(build_kwargs.items()), transformers.__version__, tokenizers.__version__)).encode())
+    build = functools.partial(build_tiny_model, seed=seed, corpus=corpus, **build_kwargs)
+    return cached_build(name, digest.hexdigest(), build, cache_dir)
+
+
+def cached_build(
+    name: str, key: str, build: Callable[[Path], object], cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """`<cache>/<name>-<key[:16]>`: a model directory that `build(directory)` writes on first use, then reused.
+
+    `key` (a hex digest) must cover everything that made the model (sources, data, settings), so that a change never
+    serves a stale one. Safe when several processes (e.g. rollout actors) call it at once: each builds into a private
+    temporary directory and renames it into place; the loser of the race uses the winner's copy. A directory counts
+    as built once it has a config.json, which the rename makes appear at once.
+    """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / f"{name}-{digest.hexdigest()[:16]}"
+    target = root / f"{name}-{key[:16]}"
     if (target / "config.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-building-", dir=root))
     try:
-        build_tiny_model(tmp, seed=seed, corpus=corpus, **build_kwargs)
+        build(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first

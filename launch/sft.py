@@ -18,11 +18,18 @@ Reads top to bottom, like launch/train.py, and shares its pieces:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import io
+import json
 import logging
+import os
+import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +45,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from actors.models import auto_model_name, resolve_model
 from actors.policies import Policy, PolicyConfig, make_policy
+from actors.tiny_model import cached_build
 from envs import GamePool
 from envs.rewards import perception_reward
 from launch import cluster
 from launch.config import TrainConfig, _build, _require, compose, resolve
 from launch.monitor import Monitor
-from learner import LearnerGroup
+from learner import LearnerGroup, checkpoint
 from learner.sft import SFTExample, cosine_lr, png_bytes, read_split, read_stats, write_split, write_stats
 
 logger = logging.getLogger("sft")
@@ -273,14 +281,8 @@ def train(config: ColdStartConfig, dataset: Path, model_dir: str, out: Path) -> 
         ray.util.remove_placement_group(placement)  # on a shared cluster, the RL run that follows needs the room
 
 
-def main(overrides: list[str]) -> str:
-    """Runs the cold start; returns the checkpoint directory (its hf/ is the cold-started model)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(overrides)  # a bad key stops here, before anything runs
-    except (ValueError, HydraException, OmegaConfBaseException) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+def run(config: ColdStartConfig) -> str:
+    """Collects (or reads) the dataset and fine-tunes on it; returns the checkpoint directory."""
     out = Path(config.run.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     model = resolve_model(config.run.model.name, config.run.model.path)
@@ -291,9 +293,78 @@ def main(overrides: list[str]) -> str:
     else:
         stats = read_stats(dataset)
     print(f"dataset {dataset}: {stats}")
-    ckpt = train(config, dataset, model.path, out)
+    return train(config, dataset, model.path, out)
+
+
+def main(overrides: list[str]) -> str:
+    """Runs the cold start; returns the checkpoint directory (its hf/ is the cold-started model)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(overrides)  # a bad key stops here, before anything runs
+    except (ValueError, HydraException, OmegaConfBaseException) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    ckpt = run(config)
     print(f"cold start done: {ckpt}/hf\n  RL from it: python launch/train.py model.path={ckpt}/hf ...")
     return ckpt
+
+
+# ----------------------------------------------------------------------------------------- the cached cold start
+
+# What made a cached cold start, besides its overrides: the code and configs of collection, the games, the learner.
+_COLD_START_SOURCES = ("launch/sft.py", "launch/config.py", "actors/policies.py", "actors/prompts.py")
+_COLD_START_TREES = ("envs", "learner", "configs")
+
+
+def ensure_cold_start(
+    name: str, overrides: Sequence[str], cache_dir: str | os.PathLike | None = None, quiet: bool = True
+) -> Path:
+    """The HF directory of the cold start `launch/sft.py <overrides>`, run on first use and then reused.
+
+    Cached like the tiny model (`actors.tiny_model.cached_build`): keyed by a hash of the overrides, the base model's
+    own cached directory (itself keyed by its builder), the sources and configs that collect and train, and the
+    library versions; built in a private directory and renamed into place. The directory holds the checkpoint's
+    hf/ files, `cold_start.json` (the overrides, the dataset's counts) and the SFT's tensorboard/. Needs Ray (joins
+    the running cluster or starts a local one, as launch/sft.py does).
+
+    Args:
+        name: the cache entry's name, e.g. "tiny_g1".
+        overrides: launch/sft.py's command line (game, model, collect.*, sft.*, ...); `output_dir` is set here.
+        cache_dir: the cache root; default `$VLM_GYM_RL_CACHE` or `~/.cache/vlm_gym_rl`.
+        quiet: keep the collection and the SFT steps off the console (one line says what is built).
+    """
+    import deepspeed
+    import torch
+    import transformers
+
+    config = load_config([*overrides, "output_dir=unused"])
+    base = resolve_model(config.run.model.name, config.run.model.path, cache_dir)
+    digest = hashlib.sha256(repr((list(overrides), Path(base.path).name)).encode())
+    digest.update(repr((torch.__version__, deepspeed.__version__, transformers.__version__)).encode())
+    root = Path(__file__).resolve().parent.parent
+    files = [root / f for f in _COLD_START_SOURCES] + sorted(
+        f for tree in _COLD_START_TREES for f in (root / tree).rglob("*") if f.suffix in (".py", ".yaml")
+    )
+    for file in files:
+        digest.update(str(file.relative_to(root)).encode() + b"\x00" + file.read_bytes())
+
+    def build(out: Path) -> None:
+        start = time.perf_counter()
+        print(f"model {name}: building its cold start on first use (launch/sft.py {' '.join(overrides)}) ...")
+        run_dir = out / "run"
+        model = dataclasses.replace(config.run.model, path=base.path)  # the base the key names
+        cold = dataclasses.replace(config, run=dataclasses.replace(config.run, model=model, output_dir=str(run_dir)))
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            ckpt = Path(run(cold))
+        for file in (ckpt / checkpoint.HF_DIR).iterdir():
+            file.rename(out / file.name)
+        (run_dir / "tensorboard").rename(out / "tensorboard")
+        stats = {"overrides": list(overrides), **read_stats(run_dir / "dataset")}
+        (out / "cold_start.json").write_text(json.dumps(stats, indent=2))
+        shutil.rmtree(run_dir)
+        print(f"model {name}: built in {(time.perf_counter() - start) / 60:.1f} min, cached at {out.parent}")
+
+    return cached_build(name, digest.hexdigest(), build, cache_dir)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 - the filter keeps the expert's responses and rejects, and counts, misread boards and illegal or missing actions;
 - the dataset round-trips: the boards' pixels, the texts, and the schema metadata `datasets` types its columns by;
 - end to end on a real Ray cluster: collect an expert dataset, fine-tune the tiny model with the DeepSpeed learner
-  group (the eval loss drops), and `launch/train.py model.path=<checkpoint>/hf` loads it into vLLM and runs RL steps.
+  group (the eval loss drops), and `launch/train.py model.path=<checkpoint>/hf` loads it into vLLM and runs RL steps;
+- the cached cold start (model=tiny_g1's) is built once, into a complete model directory, and then reused.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import pytest
 from train_runs import REPO, tensorboard_scalars
 
 import envs
+from actors.models import check_model_dir
 from actors.policies import PolicyConfig, make_policy
 from envs import GamePool, GameSpec
-from launch.sft import CollectConfig, collect, load_config
+from launch.sft import CollectConfig, collect, ensure_cold_start, load_config
 from learner import checkpoint
 from learner.sft import cosine_lr, read_split, sft_loss, write_split
 
@@ -165,3 +167,20 @@ def test_cold_start_then_rl_continues_from_its_checkpoint(ray_cluster, tmp_path,
     assert run_config["learner"]["model_dir"] == str(hf)  # learners and engines started from the cold start
     assert len(tensorboard_scalars(rl / "tensorboard")["reward/total"]) == 2
     assert checkpoint.read_state(checkpoint.latest(rl / "checkpoints"))["step"] == 2
+
+
+def test_the_cached_cold_start_is_built_once_then_reused(ray_local, tmp_path, tiny_model_dir, capsys):
+    small = ["game=2048", "model=tiny", f"model.path={tiny_model_dir}", "collect.states=8", "collect.batch=8",
+             "collect.validation_fraction=0.25", "sft.batch_size=3", "sft.epochs=1", "sft.warmup_steps=0"]  # fmt: skip
+    first = ensure_cold_start("tiny_g1", small, cache_dir=tmp_path)
+    assert "building its cold start" in capsys.readouterr().out
+    check_model_dir(first)  # a complete model: config, weights, tokenizer, processor, chat template
+    weights = (first / "model.safetensors").read_bytes()
+    assert weights != (tiny_model_dir / "model.safetensors").read_bytes()  # fine-tuned, not the base copied
+    assert json.loads((first / "cold_start.json").read_text())["kept"] == 8
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+
+    again = ensure_cold_start("tiny_g1", small, cache_dir=tmp_path)
+    assert again == first and (again / "model.safetensors").stat().st_mtime_ns == stamp
+    assert "building" not in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no leftover temporary build directories
