@@ -14,14 +14,16 @@ verl and OpenRLHF) and truncated importance sampling (verl's TIS).
 
 Three policies meet in the loss (`grpo.objective`). The behaviour policy sampled the tokens: the vLLM engines, whose
 kernels differ from the learner's and whose weights, in async mode, are up to `buffer.max_staleness` versions old.
-The proximal policy is the learner's weights when the update starts; the learner recomputes its log-probs. The
-current policy is the one being trained. The PPO ratio is always current/proximal, so the trust region is around the
-learner's own weights however old the data is, and each token's loss is weighted by proximal/behaviour
-(`behaviour_weights`). The two objectives differ in what a weight above `grpo.is_cap` does:
+The proximal policy is the learner's weights when the update starts; the learner computes its log-probs (before
+the first optimizer step, or in that step's own forward when it is the only one). The current policy is trained.
+The PPO ratio is always current/proximal, so the trust region is around the learner's own weights however old the
+data is, and each token's loss is weighted by proximal/behaviour (`behaviour_weights`). The two objectives differ in
+what a weight above `grpo.is_cap` does:
 - `ppo` truncates it at the cap (verl's TIS); without a cap there is no correction.
 - `decoupled` drops the token from the loss (weight 0), as AReaL's decoupled PPO objective does
   (https://arxiv.org/abs/2505.24298, `behav_imp_weight_cap`): a token the sampler found that much less likely than
-  the proximal policy does is treated as too stale to reweight, not counted at the cap. Without a cap the weight is
+  the proximal policy does is treated as too stale to reweight, not counted at the cap. A dropped token still counts
+  in the aggregation's normaliser, as in AReaL, so dropping does not scale up the others. Without a cap the weight is
   used as it is.
 Both leave an on-policy token (weight 1) as it is, so they give the same loss when behaviour == proximal.
 """
