@@ -281,7 +281,9 @@ def test_is_weights_multiply_the_per_token_loss():
 
 def test_kl_estimators_match_closed_forms():
     values, _ = _random_batch(seed=5)
-    ref = values + torch.randn_like(values)
+    # Seeded, and small enough that no token reaches the k3 cap (log-ratio below ~-2.5): with the global RNG's unit
+    # normal noise, the order tests ran in decided whether one did.
+    ref = values + 0.5 * torch.randn(values.shape, generator=torch.Generator().manual_seed(5), dtype=values.dtype)
     d = (values - ref).tolist()
     closed = {
         "k1": d,
