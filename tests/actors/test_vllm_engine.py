@@ -28,7 +28,9 @@ CONFIG = RolloutConfig(group_size=G, states_per_round=4, max_new_tokens=24, max_
 @pytest.fixture(scope="module")
 def actor(tiny_model_dir):
     pool = PoolConfig(games=(GameSpec("2048"), GameSpec("tetris")), num_games=4, seed=3)
-    return RolloutActor(CONFIG, pool, tiny_model_dir)
+    actor = RolloutActor(CONFIG, pool, tiny_model_dir)
+    yield actor
+    actor.engine.shutdown()  # its engine-core process, before the modules that follow build theirs
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +139,10 @@ def test_a_model_without_weight_files_runs_on_random_weights(tmp_path):
     # The GPU benchmark's path (model=qwen2_5_vl_3b_random): vLLM's dummy loader, here with the tiny dimensions.
     directory = build_tiny_model(tmp_path / "no_weights", write_weights=False)
     engine = VLLMEngine(ModelSource("random", str(directory), random_weights=True), CONFIG)
-    outputs = engine.generate(prompts_of(engine, seeds=[0]), engine.sampling_params(2, 1.0, 1.0, max_tokens=8))
+    try:
+        outputs = engine.generate(prompts_of(engine, seeds=[0]), engine.sampling_params(2, 1.0, 1.0, max_tokens=8))
+    finally:
+        engine.shutdown()
     for completion in outputs[0].outputs:
         logprobs = list(completion.logprobs.logprobs)
         assert 1 <= len(completion.token_ids) == len(logprobs) <= 8 and all(-1e4 < lp <= 0 for lp in logprobs)
@@ -148,4 +153,4 @@ def test_a_model_without_weight_files_runs_on_random_weights(tmp_path):
 def test_auto_dtype_is_the_models_own_on_cpu(actor):
     # vLLM's CPU build would pick bf16 for this fp32 model; the learner trains in fp32, so the sampler must too.
     assert CONFIG.dtype == "auto"
-    assert actor.engine.llm.llm_engine.model_config.dtype == torch.float32
+    assert actor.engine.llm.model_config.dtype == torch.float32
