@@ -38,7 +38,8 @@ class RolloutConfig:
         top_p: nucleus sampling mass; only 1.0 (no nucleus) is accepted, as the learner does not renormalise.
         max_new_tokens: response length cap; longer responses are cut (and marked unfinished).
         seed: base seed; actor i seeds its engine with seed + i (and its game pool with the pool's seed + i).
-        gpu_memory_utilization: fraction of GPU memory vLLM may take (GPU only; on CPU see cpu_kv_cache_gib).
+        gpu_memory_utilization: fraction of each of its GPUs vLLM may take (GPU only; on CPU see cpu_kv_cache_gib).
+            Engines own their GPUs (the learner ranks have their own), so most of the memory goes to the KV cache.
         cpu_kv_cache_gib: KV cache size on CPU, in GiB.
         enforce_eager: no CUDA graphs / compilation; None = True on CPU (a start in seconds), False on GPU (CUDA
             graphs make decoding faster).
@@ -54,7 +55,7 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
-    gpu_memory_utilization: float = 0.4
+    gpu_memory_utilization: float = 0.85
     cpu_kv_cache_gib: int = 1
     enforce_eager: bool | None = None
     max_model_len: int | None = 4096

@@ -4,7 +4,7 @@ The only module besides launch/train.py that applies `ray.remote`. Layout:
 
     placement group "learners": learner.num bundles {CPU, GPU: 1}, PACK    (one DeepSpeed world, one node if it fits)
     placement group "rollouts": actors.num bundles {CPU, GPU: actors.tp}, SPREAD (one vLLM engine each, across nodes)
-    the buffer: a plain actor (no GPU, no CPU reserved: it only moves object references)
+    the buffer: a plain, restartable actor (no GPU, no CPU reserved: it only moves object references)
 
 Adding nodes to the cluster and raising `actors.num` adds actors; no code changes.
 """
@@ -46,9 +46,14 @@ QUIET_ACTOR_ENV = {
 }
 
 
-def connect(num_cpus: int | None = None, verbose: bool = False) -> str:
+def connect(num_cpus: int | None = None, verbose: bool = False, env: dict[str, str] | None = None) -> str:
     """Joins the cluster named by RAY_ADDRESS (set by `ray job submit`; `RAY_ADDRESS=auto` for one started with
     `ray start` on this machine), else starts a local one for this run only. Quiet unless `verbose` (QUIET_ACTOR_ENV).
+
+    Args:
+        num_cpus: logical CPUs of a local cluster (at least this machine's).
+        verbose: keep the components' own logs.
+        env: more environment variables of every actor (`socket_env`).
 
     Returns:
         "cluster" or "local", for the start-up line.
@@ -56,7 +61,7 @@ def connect(num_cpus: int | None = None, verbose: bool = False) -> str:
     if ray.is_initialized():
         return "cluster"
     defaults = CPU_ACTOR_ENV if verbose else {**CPU_ACTOR_ENV, **QUIET_ACTOR_ENV}
-    env_vars = {k: os.environ.get(k, v) for k, v in defaults.items()}
+    env_vars = {k: os.environ.get(k, v) for k, v in defaults.items()} | (env or {})
     if "HF_HUB_OFFLINE" in os.environ:  # the actors load models as the driver does
         env_vars["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     runtime_env = {"env_vars": env_vars}
@@ -88,6 +93,12 @@ def quiet_driver() -> None:
     os.environ.update({k: v for k, v in QUIET_ACTOR_ENV.items() if k not in os.environ})
 
 
+def socket_env(config: TrainConfig) -> dict[str, str]:
+    """GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME from cluster.socket_ifname (none when it is empty)."""
+    name = config.cluster.socket_ifname
+    return {"GLOO_SOCKET_IFNAME": name, "NCCL_SOCKET_IFNAME": name} if name else {}
+
+
 def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
@@ -98,9 +109,10 @@ def use_gpu(config: TrainConfig) -> bool:
 
 
 def cpus_needed(config: TrainConfig) -> int:
-    """Logical CPUs a local cluster must advertise for every actor to be placed."""
+    """Logical CPUs a local cluster must advertise for every actor to be placed (rollout actors counted as without
+    GPUs: a local cluster has at least the machine's cores, and machines with GPUs have many)."""
     res = config.resources
-    return int(config.actors.num * res.actor_cpus + config.learner.num * res.learner_cpus + 0.999)
+    return int(config.actors.num * res.cpus_per_actor(gpu=False) + config.learner.num * res.learner_cpus + 0.999)
 
 
 def learner_placement(config: TrainConfig, gpu: bool) -> PlacementGroup:
@@ -122,9 +134,14 @@ class RolloutFleet:
 
 
 def start_rollouts(config: TrainConfig, model: ModelSource, buffer: Any, gpu: bool) -> RolloutFleet:
-    """Places actors.num rollout actors, each with its own game pool and vLLM engine (actors.tp GPUs)."""
+    """Places actors.num rollout actors, each with its own game pool and vLLM engine (actors.tp GPUs).
+
+    On GPU an engine runs its core in a process of its own (vLLM's multiprocessing), beside the actor's threads that
+    prepare states and score responses; on CPU it stays in the actor's process (CPU_ACTOR_ENV).
+    """
     n, tp = config.actors.num, config.actors.tp
-    bundle = {"CPU": config.resources.actor_cpus, **({"GPU": tp} if gpu else {})}
+    cpus = config.resources.cpus_per_actor(gpu)
+    bundle = {"CPU": cpus, **({"GPU": tp} if gpu else {})}
     pg = placement_group([bundle] * n, strategy="SPREAD", name="rollouts")
     ray.get(pg.ready())
     remote_cls = ray.remote(RolloutActor)
@@ -133,12 +150,14 @@ def start_rollouts(config: TrainConfig, model: ModelSource, buffer: Any, gpu: bo
         actors.append(
             remote_cls.options(
                 name=f"rollout-{i}",
-                num_cpus=config.resources.actor_cpus,
+                num_cpus=cpus,
                 # The actor holds all of its engine's GPUs; with TP > 1 the engine uses vLLM's multiprocessing
                 # executor, one worker per GPU inside this reservation (CUDA_VISIBLE_DEVICES is set by Ray).
                 num_gpus=tp if gpu else 0,
                 max_restarts=-1,
                 max_task_retries=0,
+                # Merged into the job's env_vars (connect), overriding its CPU default.
+                runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}} if gpu else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
             ).remote(config.actors, config.pool, model, actor_id=i, buffer=buffer)
         )
@@ -146,5 +165,10 @@ def start_rollouts(config: TrainConfig, model: ModelSource, buffer: Any, gpu: bo
 
 
 def start_buffer(config: TrainConfig) -> Any:
-    """The replay buffer as an async Ray actor (its blocked puts wait without blocking gets)."""
-    return ray.remote(ReplayBuffer).options(name="replay-buffer", num_cpus=0).remote(config.buffer)
+    """The replay buffer as an async Ray actor (its blocked puts wait without blocking gets).
+
+    Restartable: Ray restarts a dead one (empty) and sends the calls in flight (puts, the learner's get) to it again,
+    so producers and the driver carry on; the driver counts what the old one held (launch/rollouts.py).
+    """
+    options = dict(name="replay-buffer", num_cpus=0, max_restarts=-1, max_task_retries=-1)
+    return ray.remote(ReplayBuffer).options(**options).remote(config.buffer)

@@ -26,6 +26,7 @@ from replay.config import BufferConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TRAINER_MODES = ("sync", "async")
+GPU_ACTOR_CPUS = 4.0  # CPUs of a rollout actor with a GPU engine, unless resources.actor_cpus says otherwise
 
 
 @dataclass(frozen=True)
@@ -93,18 +94,46 @@ class ResourcesConfig:
 
     Attributes:
         use_gpu: "auto" (GPUs when the cluster has them), true or false.
-        actor_cpus: CPUs reserved by each rollout actor.
+        actor_cpus: CPUs reserved by each rollout actor; null: 1 without GPUs (the engine is the actor's one busy
+            thread), GPU_ACTOR_CPUS with them, where the engine loop, image preprocessing, the games and scoring each
+            need a core to keep a GPU fed.
         learner_cpus: CPUs reserved by each learner rank.
     """
 
     use_gpu: Any = "auto"
-    actor_cpus: float = 1.0
+    actor_cpus: float | None = None
     learner_cpus: float = 1.0
 
     def validate(self) -> ResourcesConfig:
         _require(self.use_gpu in ("auto", True, False), "resources.use_gpu", "auto, true or false", self.use_gpu)
-        _require(self.actor_cpus > 0, "resources.actor_cpus", "a number > 0", self.actor_cpus)
+        cpus = self.actor_cpus
+        _require(cpus is None or cpus > 0, "resources.actor_cpus", "null (auto) or a number > 0", cpus)
         _require(self.learner_cpus > 0, "resources.learner_cpus", "a number > 0", self.learner_cpus)
+        return self
+
+    def cpus_per_actor(self, gpu: bool) -> float:
+        """What a rollout actor reserves, `actor_cpus` or its default for a fleet with or without GPUs."""
+        if self.actor_cpus is not None:
+            return self.actor_cpus
+        return GPU_ACTOR_CPUS if gpu else 1.0
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How the run's processes reach each other.
+
+    Attributes:
+        socket_ifname: the network interface of the collectives (weight broadcast, DeepSpeed), set as
+            GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME in every actor's environment; for nodes with several networks,
+            where gloo and NCCL may otherwise pick one the other nodes can't reach. Empty: unset (their own choice).
+    """
+
+    socket_ifname: str = ""
+
+    def validate(self) -> ClusterConfig:
+        name = self.socket_ifname
+        ok = isinstance(name, str) and not any(c.isspace() for c in name)
+        _require(ok, "cluster.socket_ifname", "an interface name such as eth0 (no spaces), or empty", name)
         return self
 
 
@@ -136,6 +165,7 @@ class TrainConfig:
     buffer: BufferConfig
     trainer: TrainerConfig
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of the resolved config (saved with checkpoints and shown in TensorBoard)."""
@@ -213,6 +243,7 @@ def resolve(cfg: DictConfig | Mapping[str, Any]) -> TrainConfig:
         "buffer",
         "trainer",
         "resources",
+        "cluster",
     )
     unknown = sorted(set(raw) - set(sections))
     if unknown:
@@ -248,6 +279,7 @@ def resolve(cfg: DictConfig | Mapping[str, Any]) -> TrainConfig:
         buffer=_build(BufferConfig, _buffer_section(raw, actors, trainer.groups_per_step), "buffer"),
         trainer=trainer,
         resources=_build(ResourcesConfig, raw.get("resources"), "resources"),
+        cluster=_build(ClusterConfig, raw.get("cluster"), "cluster"),
     )
     _check_across(config)
     return config

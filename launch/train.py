@@ -86,22 +86,22 @@ def start_learners(
 
 
 def restart_learners(
-    config: TrainConfig, placement: PlacementGroup, gpu: bool, ckpt_root: Path, rollouts: RolloutDriver, version: int
+    config: TrainConfig, placement: PlacementGroup, gpu: bool, ckpt_root: Path, rollouts: RolloutDriver
 ) -> tuple[LearnerGroup, int, int]:
     """Replaces a learner group that died by a new one restored from the latest checkpoint (the initial weights when
     there is none yet). The rollout actors stay up: a new weight-sync group gives them every restored weight.
 
-    The restored weights go out as a new policy version, `version + 1`: versions only increase (the buffer measures
-    staleness by them), and the groups made by the lost weights are then one version older than the restored ones.
+    The restored weights go out as a new policy version, one above the learner's last (`RolloutDriver.learner_version`,
+    the run's one counter): versions only increase (the buffer measures staleness by them), and the groups made by the
+    lost weights are then older than the restored ones.
 
     Returns:
         The new group, the checkpoint's step (the loop goes on from there), and the version the engines now hold.
     """
     learners, step, _ = start_learners(config, placement, gpu, ckpt_root, restore=True)
-    rollouts.replace_learners(learners)
-    rollouts.sync_weights(version + 1)
-    ray.get(rollouts.buffer.set_policy_version.remote(version + 1))
-    return learners, step, version + 1
+    version = rollouts.replace_learners(learners)
+    rollouts.sync_weights(version)
+    return learners, step, version
 
 
 def main(overrides: list[str]) -> None:
@@ -113,7 +113,7 @@ def main(overrides: list[str]) -> None:
         sys.exit(2)
     if not config.trainer.verbose:
         cluster.quiet_driver()
-    where = cluster.connect(num_cpus=cluster.cpus_needed(config), verbose=config.trainer.verbose)
+    where = cluster.connect(cluster.cpus_needed(config), config.trainer.verbose, cluster.socket_env(config))
     config = choose_model(overrides, config, auto)
     gpu = cluster.use_gpu(config)
     model = resolve_model(config.model.name, config.model.path)
@@ -144,10 +144,8 @@ def main(overrides: list[str]) -> None:
             t0 = time.perf_counter()
             try:
                 if learners is None:  # the group died: a new one from the latest checkpoint, on from its step
-                    learners, step, version = restart_learners(
-                        config, learner_placement, gpu, ckpt_root, rollouts, version
-                    )
-                # 1. generate: rounds until the buffer holds a batch (sync), or keep every actor busy (async)
+                    learners, step, version = restart_learners(config, learner_placement, gpu, ckpt_root, rollouts)
+                # 1. generate: rounds until the buffer holds a batch (sync), or a batch from the actors' streams (async)
                 items, round_metrics = rollouts.collect()
                 # 2. train: one GRPO update on B groups, sharded over the learner ranks
                 metrics = learners.update(items)
@@ -158,13 +156,12 @@ def main(overrides: list[str]) -> None:
                 rollouts.learner_stepped(step)  # the learner's weights are a new policy version
                 if time.perf_counter() - started > budget_s:
                     last_step = step  # out of time: this step is the last (broadcast, log, checkpoint)
-                # 3. broadcast the new weights to every engine (ZeRO-3 gather, bucketed broadcast)
+                # 3. broadcast the new weights to every engine (ZeRO-3 gather, bucketed; async: while they generate)
                 if step % config.weight_sync.every_steps == 0 or step == last_step:
                     version = rollouts.learner_version  # the step, unless a learner restart went back to an older one
                     metrics["perf/weight_sync_s"] = rollouts.sync_weights(version).total_s
-                    ray.get(buffer.set_policy_version.remote(version))
                 # 4. log
-                scalars, histograms = batch_metrics(items, ray.get(buffer.stats.remote()))
+                scalars, histograms = batch_metrics(items, rollouts.buffer_stats())
                 metrics.update(round_metrics)
                 metrics.update(scalars)
                 metrics.update(rollouts.counters())
@@ -188,7 +185,8 @@ def main(overrides: list[str]) -> None:
     finally:
         monitor.close()
         rollouts.stop()
-    print(f"done: {step} steps, policy version {version}; logs in {monitor.log_dir}")
+    groups = " ".join(f"{key}={value}" for key, value in rollouts.ledger().items())
+    print(f"done: {step} steps, policy version {version}; groups: {groups}; logs in {monitor.log_dir}")
 
 
 if __name__ == "__main__":

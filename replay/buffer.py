@@ -11,11 +11,16 @@ buffer yields the event loop, so the learner's `get` that frees room runs meanwh
 
 Every group offered is accounted for, at all times:
 `put_count == get_count + sum(drops.values()) + size + blocked_puts` (the right side is `BufferStats.accounted`).
+
+A buffer actor that dies is restarted by Ray (launch/cluster.py: max_restarts, and max_task_retries so that the puts
+and gets in flight go to the new one): the new process starts empty, with counters of its own and a new
+`incarnation`, by which the driver tells it from the old one (it counts the groups the old one held as lost).
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -86,6 +91,7 @@ class BufferStats:
     last_batch_staleness_max: int
     last_batch_staleness: tuple[int, ...] = ()  # each group's, for the buffer/staleness histogram
     offered_by_actor: dict[str, int] = field(default_factory=dict)  # producer -> groups it offered (put_count's)
+    incarnation: str = ""  # the buffer process whose counters these are (a restart makes a new one)
 
     @property
     def dropped(self) -> int:
@@ -106,6 +112,7 @@ class ReplayBuffer:
 
     def __init__(self, config: BufferConfig | None = None) -> None:
         self.config = config or BufferConfig()
+        self.incarnation = uuid.uuid4().hex
         self._items: list[BufferItem] = []  # in put order
         self._policy_version = 0
         self._put_count = 0
@@ -150,6 +157,18 @@ class ReplayBuffer:
         self._items.append(item)
         self._notify()
         return True
+
+    async def put_many(self, items: list[BufferItem], timeout_s: float | None = None) -> int:
+        """Offers several groups in one call (a producer's batch), in order, each as `put` would.
+
+        Args:
+            items: the groups' descriptions.
+            timeout_s: each group's wait for room, as in `put`.
+
+        Returns:
+            How many were stored (the others were dropped and counted under their reason).
+        """
+        return sum([await self.put(item, timeout_s) for item in items])
 
     async def get(self, batch_size: int, timeout_s: float | None = None) -> list[BufferItem]:
         """Takes up to `batch_size` groups in the configured order; waits for a full batch until the timeout.
@@ -223,6 +242,7 @@ class ReplayBuffer:
             last_batch_staleness_max=max(staleness, default=0),
             last_batch_staleness=tuple(staleness),
             offered_by_actor=dict(self._offered_by_actor),
+            incarnation=self.incarnation,
         )
 
     def close(self) -> None:
