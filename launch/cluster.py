@@ -156,6 +156,7 @@ def start_rollouts(config: TrainConfig, model: ModelSource, buffer: Any, gpu: bo
                 num_gpus=tp if gpu else 0,
                 max_restarts=-1,
                 max_task_retries=0,
+                max_concurrency=4,  # threaded: stop_stream, drain_stats and weight updates run while `stream` does
                 # Merged into the job's env_vars (connect), overriding its CPU default.
                 runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}} if gpu else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),

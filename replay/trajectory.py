@@ -27,9 +27,12 @@ class TrajectoryGroup:
     response_logprobs: list[list[float]]  # G x (T_i,) the sampler's log-prob of each sampled token
     response_texts: list[str]  # G decoded responses (for logging and debugging)
     rewards: list[Reward]  # G reward breakdowns
-    policy_version: int  # version of the weights that generated the responses
+    policy_version: int  # the oldest version any response was generated under (the buffer's staleness bound uses it)
     text_observation: str  # ground-truth board text (the perception target)
     finished: list[bool] = field(default_factory=list)  # G: True where the response ended with EOS, not a length cut
+    # G x (first, last): the policy versions each response was generated under, at its submission and at its end
+    # (a weight update while it was in flight makes first < last; a sync round's are all (v, v)). Empty: not recorded.
+    response_versions: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def group_size(self) -> int:

@@ -1,4 +1,5 @@
-"""A rollout actor as a real Ray actor with the real vLLM CPU engine, feeding a real ReplayBuffer actor.
+"""A rollout actor as a real Ray actor with the real vLLM CPU engine, feeding a real ReplayBuffer actor: rounds, then
+continuous generation (`stream`) with back-pressure, a weight load mid-stream, and the buffer's closing.
 
 The groups are read back the learner's way: items from `buffer.get`, groups from the object store by their refs.
 """
@@ -6,6 +7,7 @@ The groups are read back the learner's way: items from `buffer.get`, groups from
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -23,14 +25,16 @@ G = 4
 STATES = 4
 ACTOR_ID = 1
 CONFIG = RolloutConfig(group_size=G, states_per_round=STATES, max_new_tokens=32, max_model_len=2048)
+CAPACITY = 12
 POOL = PoolConfig(games=(GameSpec("2048"), GameSpec("swap")), num_games=4, seed=11)
 
 
 @pytest.fixture(scope="module")
 def cluster(ray_local, tiny_model_dir):
     """(actor, buffer): one rollout actor (its own engine, in its own process) pushing into one buffer actor."""
-    buffer = ray.remote(ReplayBuffer).remote(BufferConfig(capacity=32, max_staleness=4, get_timeout_s=60.0))
-    actor = ray.remote(RolloutActor).options(num_cpus=1).remote(CONFIG, POOL, str(tiny_model_dir), ACTOR_ID, buffer)
+    buffer = ray.remote(ReplayBuffer).remote(BufferConfig(capacity=CAPACITY, max_staleness=4, get_timeout_s=60.0))
+    remote = ray.remote(RolloutActor).options(num_cpus=1, max_concurrency=4)  # threaded, as launch/cluster.py makes it
+    actor = remote.remote(CONFIG, POOL, str(tiny_model_dir), ACTOR_ID, buffer)
     yield actor, buffer
     for handle in (actor, buffer):  # free the engine's memory for the modules that follow
         ray.kill(handle)
@@ -109,3 +113,70 @@ def test_a_round_of_n_states_reports_every_env_step_and_its_throughput(cluster):
     assert generation | {"rollout/invalid_action_rate"} <= set(metrics)
     assert not any(key.startswith("reward/") for key in metrics)  # reward/* are the trained batch's (launch/monitor)
     assert stats.push_s > 0 and stats.round_s >= stats.generation_s + stats.env_s + stats.push_s - 1e-6
+
+
+# ---- continuous generation ----------------------------------------------------------------------------------------
+def read_groups(buffer, n):
+    items = ray.get(buffer.get.remote(n, timeout_s=60.0))
+    return items, ray.get([item.ref for item in items])
+
+
+def assert_every_state_accounted(summary, offered):
+    assert summary.num_submitted == summary.num_groups + summary.num_skipped + summary.num_aborted
+    assert summary.num_groups == summary.num_pushed + summary.num_unpushed
+    assert summary.num_pushed == offered  # what the buffer counted as offered by this actor during the stream
+
+
+def offered_by(buffer) -> int:
+    return ray.get(buffer.stats.remote()).offered_by_actor.get(f"rollout-{ACTOR_ID}", 0)
+
+
+def test_stream_stalls_on_a_full_buffer_and_stops_after_pushing_its_requests_in_flight(cluster):
+    actor, buffer = cluster
+    version, offered = ray.get(actor.get_policy_version.remote()), offered_by(buffer)
+    assert ray.get(actor.drain_stats.remote()) is None  # nothing streamed yet
+    stream = actor.stream.remote(max_states_in_flight=3)
+    deadline = time.monotonic() + 120
+    while ray.get(buffer.stats.remote()).blocked_puts == 0:  # full, and the next push waits for room
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(1.0)  # generation stalls: the slots stay taken by the groups waiting for the buffer
+    stalled = ray.get(actor.drain_stats.remote())
+    assert stalled.num_submitted <= CAPACITY + 3 and stalled.num_groups <= CAPACITY + 3
+    actor.stop_stream.remote()
+    items, groups = read_groups(buffer, CAPACITY)  # room for the groups still waiting
+    summary = ray.get(stream)
+    items2, groups2 = read_groups(buffer, ray.get(buffer.stats.remote()).size or 1)
+    assert summary.ended_by == "stop" and summary.num_aborted == 0 and summary.num_unpushed == 0
+    assert_every_state_accounted(summary, offered_by(buffer) - offered)
+    assert len(groups) + len(groups2) == summary.num_accepted == summary.num_groups
+    for group in groups + groups2:
+        assert group.response_versions == [(version, version)] * G and group.policy_version == version
+        assert len(group.response_ids) == len(group.response_logprobs) == G
+    assert len({g.state_id for g in groups + groups2}) == summary.num_groups
+    rest = ray.get(actor.drain_stats.remote())  # None when every group had been scored before the stall's drain
+    drained = [stats for stats in (stalled, rest) if stats is not None]
+    assert sum(stats.num_submitted for stats in drained) == summary.num_submitted
+    assert sum(stats.num_groups for stats in drained) == summary.num_groups
+    assert stalled.tokens_generated > 0 and 0 < stalled.generation_s <= stalled.round_s
+    assert stalled.tokens_per_s == stalled.tokens_generated / stalled.generation_s
+    assert ray.get(actor.drain_stats.remote()) is None
+
+
+def test_a_weight_load_mid_stream_reaches_requests_in_flight_and_loses_no_group(cluster, tiny_model_dir):
+    actor, buffer = cluster
+    version, offered = ray.get(actor.get_policy_version.remote()), offered_by(buffer)
+    weights = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).state_dict()
+    stream = actor.stream.remote(max_states_in_flight=4)
+    _, before = read_groups(buffer, 2)  # streaming for real: requests are in flight now
+    assert ray.get(actor.load_weights.remote(weights, version + 1))
+    _, after = read_groups(buffer, 6)
+    buffer.close.remote()  # ends the stream: its requests in flight are aborted, nothing is pushed any more
+    summary = ray.get(stream, timeout=60)
+    assert summary.ended_by == "buffer_closed"
+    assert_every_state_accounted(summary, offered_by(buffer) - offered)
+    spans = [versions for g in before + after for versions in g.response_versions]
+    assert (version, version + 1) in spans  # generated partly under each: paused, loaded, resumed
+    for group in before + after:
+        assert group.policy_version == min(first for first, _ in group.response_versions)
+        assert all(version <= first <= last <= version + 1 for first, last in group.response_versions)

@@ -107,6 +107,28 @@ def test_put_blocks_while_full_and_resumes_when_get_frees_room():
     asyncio.run(scenario())
 
 
+def test_put_many_stores_in_order_counts_drops_and_waits_for_room_item_by_item():
+    async def scenario():
+        buffer = ReplayBuffer(BufferConfig(capacity=3, max_staleness=0, drop_uniform_reward_groups=True))
+        buffer.set_policy_version(1)
+        batch = [make_item("a", 1), make_item("stale", 0), make_item("flat", 1, uniform=True), make_item("b", 1)]
+        assert await buffer.put_many(batch) == 2  # stored: a, b; dropped and counted: stale, flat
+        stats = buffer.stats()
+        assert (stats.put_count, stats.drops["stale"], stats.drops["uniform_reward"]) == (4, 1, 1)
+        # the third fits, the fourth waits for room (back-pressure) until a get frees it
+        blocked = asyncio.create_task(buffer.put_many([make_item("c", 1), make_item("d", 1)]))
+        await asyncio.sleep(0.05)
+        assert not blocked.done() and buffer.stats().blocked_puts == 1
+        assert ids(await buffer.get(1, timeout_s=0)) == ["a"]
+        assert await asyncio.wait_for(blocked, 1.0) == 2
+        assert ids(await buffer.get(3, timeout_s=0)) == ["b", "c", "d"]
+        buffer.close()
+        assert await buffer.put_many([make_item("late", 1)]) == 0 and buffer.stats().drops["closed"] == 1
+        assert_balanced(buffer.stats())
+
+    asyncio.run(scenario())
+
+
 def test_put_timeout_returns_false_counts_and_never_grows_past_capacity():
     async def scenario():
         buffer = ReplayBuffer(BufferConfig(capacity=1, put_timeout_s=0.02))
