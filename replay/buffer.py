@@ -170,18 +170,6 @@ class ReplayBuffer:
         """
         return sum([await self.put(item, timeout_s) for item in items])
 
-    async def put_many(self, items: list[BufferItem], timeout_s: float | None = None) -> int:
-        """Offers several groups in one call (a producer's batch), in order, each as `put` would.
-
-        Args:
-            items: the groups' descriptions.
-            timeout_s: each group's wait for room, as in `put`.
-
-        Returns:
-            How many were stored (the others were dropped and counted under their reason).
-        """
-        return sum([await self.put(item, timeout_s) for item in items])
-
     async def get(self, batch_size: int, timeout_s: float | None = None) -> list[BufferItem]:
         """Takes up to `batch_size` groups in the configured order; waits for a full batch until the timeout.
 
