@@ -1,19 +1,21 @@
-"""Rollout actor throughput beside plain `vllm.LLM.generate` on the same prompts and sampling settings, same run.
+"""Streaming rollout actor throughput beside plain vLLM `AsyncLLM` fed the same prompts, same engine, same run.
 
-    .venv/bin/python bench/rollout.py [--game tetris] [--states 16] [--group-size 4] [--max-new-tokens 64]
-    .venv/bin/python bench/rollout.py --model qwen2_5_vl_3b_random --states 64 --group-size 8   # on a GPU
+    .venv/bin/python -P bench/rollout.py [--game tetris] [--states 48] [--in-flight 16] [--group-size 4]
+    .venv/bin/python -P bench/rollout.py --model qwen2_5_vl_3b_random --states 256 --in-flight 64   # on a GPU
 
-The actor (the plain class, in this process, no buffer) runs whole rounds: prepare states and prompts, one generate
-call, decode, score every response on its own clone, build the trajectory groups. Interleaved with its rounds, the
-same engine runs plain `LLM.generate` on the very states of that round (a second pool with the actor's seed replays
-them) with the actor's own SamplingParams. Figures:
+The actor (the plain class, in this process, pushing into a real buffer actor) streams (`RolloutActor.stream`): a
+thread prepares states (game, render, chat prompt), up to `--in-flight` states are in the engine at once, finished
+requests are scored on clones, built into trajectory groups and pushed with one `put_many` per batch. It is stopped
+once `--states` groups reached the buffer (its requests in flight then finish). The plain run then feeds the very
+prompts of those groups (their templated text and board image) to the same `AsyncLLM` with the same SamplingParams
+and the same number of requests in flight, refilled as they finish, and nothing else. Figures, per repetition:
 
-- actor_tokens_per_s: response tokens / whole-round wall time (median round);
-- vllm_tokens_per_s: response tokens / plain generate time (median round);
-- ratio: the median of the rounds' actor/plain ratios (target >= 0.9 on CPU with the tiny model);
-- outside_generation_share: share of the actor's round time not spent in generate (median round).
+- actor_tokens_per_s: response tokens / wall time from the stream's start to its end;
+- vllm_tokens_per_s: response tokens / wall time of the plain run;
+- ratio: the median of the repetitions' actor/plain ratios (the issue's target: >= 0.97 for every game);
+- engine_idle_share: share of the stream's wall time the engine had no request (median).
 
-Every run starts with the engine's prefix, encoder and image caches emptied, and the first round is a warm-up.
+Every run starts with the engine's prefix, encoder and image caches emptied, and the first repetition is a warm-up.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import os
 import sys
 
-# Before torch/vLLM load (see tests/conftest.py): in-process engine, one OpenMP thread, no hub.
+# Before torch/vLLM load (see tests/conftest.py): one OpenMP thread, no hub.
 for _key, _value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(_key, _value)
 # Run as a script, this folder comes first on sys.path and bench/envs.py would shadow the `envs` package.
@@ -29,38 +31,69 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path.pop(0)
 
 import argparse  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+import ray  # noqa: E402
 
 from actors.config import RolloutConfig  # noqa: E402
 from actors.models import MODEL_NAMES, resolve_model  # noqa: E402
-from actors.prompts import chat_prompt, engine_input  # noqa: E402
-from actors.rollout_actor import RolloutActor, RoundStats  # noqa: E402
-from envs import GAMES, GamePool, GameSpec, PoolConfig  # noqa: E402
+from actors.prompts import engine_input  # noqa: E402
+from actors.rollout_actor import RolloutActor  # noqa: E402
+from envs import GAMES, GameSpec, PoolConfig  # noqa: E402
+from replay import BufferConfig, ReplayBuffer, TrajectoryGroup  # noqa: E402
 
 
 def forget(actor: RolloutActor) -> None:
     """Empties the engine's prefix, encoder and image-processor caches, so that each run starts equally cold.
 
-    Without this the second run on a round's states would find their prompts and images already processed.
+    Without this the plain run would find the actor's prompts and images already processed.
     """
-    actor.engine.reset_caches()
-    actor.engine.llm.reset_mm_cache()
+    engine = actor.engine
+    engine.reset_caches()
+    engine._run(engine.llm.reset_mm_cache())
 
 
-def actor_round(actor: RolloutActor) -> RoundStats:
+def stream_run(actor: RolloutActor, buffer, states: int, in_flight: int) -> tuple[list[TrajectoryGroup], float, float]:
+    """Streams until `states` groups reached the buffer: (the groups, wall seconds, engine idle share)."""
     forget(actor)
-    return actor.run_round().stats
-
-
-def plain_generate(actor: RolloutActor, inputs: list[dict], params) -> tuple[int, float]:
-    """Plain `LLM.generate` on the actor's engine: (response tokens, seconds)."""
-    forget(actor)
+    actor.drain_stats()
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(summary=actor.stream(in_flight)))
     begin = time.perf_counter()
-    outputs = actor.engine.llm.generate(inputs, params, use_tqdm=False)
+    thread.start()
+    while ray.get(buffer.stats.remote()).size < states:
+        time.sleep(0.01)
+    actor.stop_stream()
+    thread.join()
     seconds = time.perf_counter() - begin
-    return sum(len(c.token_ids) for o in outputs for c in o.outputs), seconds
+    stats = actor.drain_stats()
+    items = ray.get(buffer.get.remote(result["summary"].num_accepted, timeout_s=10.0))
+    return ray.get([item.ref for item in items]), seconds, 1.0 - stats.generation_s / seconds
+
+
+def plain_run(actor: RolloutActor, groups: list[TrajectoryGroup], in_flight: int) -> tuple[int, float]:
+    """The groups' prompts through the same engine, `in_flight` requests at a time: (response tokens, seconds)."""
+    forget(actor)
+    prompts = [engine_input(group.prompt_text, group.image) for group in groups]
+    pending, tokens, done = list(reversed(prompts)), 0, threading.Semaphore(0)
+    outputs = []
+    begin = time.perf_counter()
+
+    def submit() -> None:
+        future = actor.engine.submit(pending.pop(), actor._params)
+        future.add_done_callback(lambda f: (outputs.append(f.result()), done.release()))
+
+    for _ in range(min(in_flight, len(pending))):
+        submit()
+    for _ in range(len(prompts)):
+        done.acquire()
+        if pending:
+            submit()
+    seconds = time.perf_counter() - begin
+    tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return tokens, seconds
 
 
 def main() -> None:
@@ -68,60 +101,57 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", choices=MODEL_NAMES)
     parser.add_argument("--model-path", default=None, help="local directory of the model")
     parser.add_argument("--game", default="tetris", choices=list(GAMES))
-    parser.add_argument("--states", type=int, default=16, help="states per round")
+    parser.add_argument("--states", type=int, default=48, help="groups per repetition")
+    parser.add_argument("--in-flight", type=int, default=16, help="states in the engine at once")
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=12, help="measured rounds (after one warm-up round)")
+    parser.add_argument("--reps", type=int, default=5, help="measured repetitions (after one warm-up)")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     args = parser.parse_args()
 
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     source = resolve_model(args.model, args.model_path)
     config = RolloutConfig(
         group_size=args.group_size,
-        states_per_round=args.states,
+        states_per_round=args.in_flight,
         max_new_tokens=args.max_new_tokens,
         tp=args.tp,
         max_model_len=4096,
     )
-    pool = PoolConfig(games=(GameSpec(args.game),), num_games=args.states, seed=0)
+    buffer = ray.remote(ReplayBuffer).remote(BufferConfig(capacity=4 * args.states + args.in_flight))
+    pool = PoolConfig(games=(GameSpec(args.game),), num_games=max(args.in_flight, 16), seed=0)
     start = time.perf_counter()
-    actor = RolloutActor(config, pool, source)
+    actor = RolloutActor(config, pool, source, buffer=buffer)
     print(f"model {source.name} ({source.path}); engine built in {time.perf_counter() - start:.1f} s")
-    print(f"game {args.game}: {args.states} states x G={args.group_size}, {args.max_new_tokens} new tokens max")
+    print(f"game {args.game}: {args.states} states x G={args.group_size}, {args.in_flight} in flight, "
+          f"{args.max_new_tokens} new tokens max")  # fmt: skip
 
-    # The actor's pool is seeded with pool.seed + actor_id (0): this twin hands out the same states in the same order.
-    twin = GamePool.from_config(pool)
-    params = actor.engine.sampling_params(args.group_size, config.temperature, config.top_p, args.max_new_tokens)
-    actor_rates, plain_rates, outside = [], [], []
-    for round_index in range(args.rounds + 1):
-        states = twin.sample(args.states)
-        inputs = [engine_input(chat_prompt(actor.engine.tokenizer, s.prompt), s.image) for s in states]
-        # Alternate who goes first, so that drift in the machine's load favours neither.
-        if round_index % 2:
-            plain_tokens, plain_s = plain_generate(actor, inputs, params)
-            stats = actor_round(actor)
-        else:
-            stats = actor_round(actor)
-            plain_tokens, plain_s = plain_generate(actor, inputs, params)
+    ratios, actor_rates, plain_rates, idle = [], [], [], []
+    for rep in range(args.reps + 1):
+        groups, actor_s, idle_share = stream_run(actor, buffer, args.states, args.in_flight)
+        actor_tokens = sum(len(ids) for g in groups for ids in g.response_ids)
+        plain_tokens, plain_s = plain_run(actor, groups, args.in_flight)
+        actor_rate, plain_rate = actor_tokens / actor_s, plain_tokens / plain_s
         print(
-            f"round {round_index}{' (warm-up)' if round_index == 0 else ''}: "
-            f"actor {stats.tokens_generated} tok in {stats.round_s:.3f} s "
-            f"(generate {stats.generation_s:.3f} s, env {stats.env_s:.3f} s) = "
-            f"{stats.tokens_generated / stats.round_s:.0f} tok/s; "
-            f"plain vLLM {plain_tokens} tok in {plain_s:.3f} s = {plain_tokens / plain_s:.0f} tok/s"
+            f"rep {rep}{' (warm-up)' if rep == 0 else ''}: actor {len(groups)} groups, {actor_tokens} tok in "
+            f"{actor_s:.3f} s = {actor_rate:.0f} tok/s (engine idle {idle_share:.3f}); "
+            f"plain AsyncLLM {plain_tokens} tok in {plain_s:.3f} s = {plain_rate:.0f} tok/s; "
+            f"ratio {actor_rate / plain_rate:.3f}"
         )
-        if round_index > 0:
-            actor_rates.append(stats.tokens_generated / stats.round_s)
-            plain_rates.append(plain_tokens / plain_s)
-            outside.append(stats.outside_generation_share)
+        if rep > 0:
+            ratios.append(actor_rate / plain_rate)
+            actor_rates.append(actor_rate)
+            plain_rates.append(plain_rate)
+            idle.append(idle_share)
+    actor.engine.shutdown()
+    ray.shutdown()
 
     # Medians: a busy neighbour on a shared machine stalls single runs; the median is the typical one. The ratio is
-    # the median of each round's paired ratio (actor and plain ran back to back on the same states).
-    actor_rate, plain_rate = float(np.median(actor_rates)), float(np.median(plain_rates))
-    ratio = float(np.median(np.array(actor_rates) / np.array(plain_rates)))
+    # the median of each repetition's paired ratio (the actor and plain runs back to back on the same prompts).
     print(
-        f"rollout: actor_tokens_per_s={actor_rate:.0f} vllm_tokens_per_s={plain_rate:.0f} "
-        f"ratio={ratio:.3f} outside_generation_share={float(np.median(outside)):.3f}"
+        f"rollout: game={args.game} actor_tokens_per_s={np.median(actor_rates):.0f} "
+        f"vllm_tokens_per_s={np.median(plain_rates):.0f} ratio={np.median(ratios):.3f} "
+        f"engine_idle_share={np.median(idle):.3f}"
     )
 
 
