@@ -29,8 +29,9 @@ from actors.tiny_model import ensure_model_dir, ensure_tiny_model
 MODEL_NAMES = ("auto", "tiny", "tiny_g1", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_3b_random")
 BUILT_MODELS = ("tiny", "qwen2_5_vl_3b_random")  # built locally by actors/tiny_model.py, cached per node
 # tiny_g1's cold start: launch/sft.py's command line (its cache key). 2048's boards are ones the tiny model learns to
-# read; the expert answers every state and G1's filter keeps them all (its perception is the ground truth).
-TINY_G1_COLD_START = ("game=2048", "model=tiny", "collect.states=1000", "sft.epochs=2")
+# read; the expert answers every state and G1's filter keeps them all (its perception is the ground truth). Batches of
+# 8, not 32: as many examples and as much compute, four times the updates (held-out loss 0.5, not 1.6, on 2048).
+TINY_G1_COLD_START = ("game=2048", "model=tiny", "collect.states=1000", "sft.epochs=2", "sft.batch_size=8")
 HUB_NAMES = {"qwen2_5_vl_3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl_7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
 
 # Qwen2.5-VL-3B-Instruct's published config.json (language model and vision tower).

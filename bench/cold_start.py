@@ -11,10 +11,10 @@ Five rows on the same seeds, all scored by launch/eval.py's `evaluate` (actors/p
     g1       RL from the cold-started model (the same RL budget as g0)
 G0 and G1 train with the same settings; only the starting weights differ. Responses may be as long as the expert's
 (`--max-new-tokens`, model=tiny_g1's 128), so both can write the full perception / think / answer convention. The cold
-start is model=tiny_g1's recipe (actors/models.py: 1,000 states, 2 epochs). Episodes are the paper protocol's 200
-moves: over 100 moves from reset 2048 barely separates the expert from random play (8 seeds: 1,008 vs 851), over 200
-it does (2,483 vs 1,196), since random play fills the board and stalls only later. Prints the table, the SFT
-eval-loss and the RL reward curves, and ends with
+start is model=tiny_g1's recipe (actors/models.py: 1,000 states, 2 epochs of batches of 8). Episodes are the paper
+protocol's 200 moves: over 100 moves from reset 2048 barely separates the expert from random play (8 seeds: 1,008 vs
+851), over 200 it does (2,483 vs 1,196), since random play fills the board and stalls only later.
+Prints the table, the SFT eval-loss and the RL reward curves, and ends with
 `cold_start: game=<g> random=<score> expert=<score> g0=<score> g1=<score> sft_minutes=<m> rl_minutes=<m>`
 (mean game score; the valid-action rates and the sft row are in the table).
 """
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--game", default="2048")
     parser.add_argument("--states", type=int, default=1000, help="states the expert answers for the cold start")
     parser.add_argument("--sft-epochs", type=int, default=2)
+    parser.add_argument("--sft-batch-size", type=int, default=8)
     parser.add_argument("--rl-minutes", type=float, default=4.0, help="wall-clock RL budget of g0 and of g1 each")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="response cap of RL and eval (G0 and G1)")
     parser.add_argument("--episodes", type=int, default=8)
@@ -78,7 +79,7 @@ def main() -> None:
     rl += [f"actors.max_new_tokens={args.max_new_tokens}", "checkpoint.every_steps=0"]
 
     sft_minutes = run("sft.py", [*game, f"collect.states={args.states}", f"sft.epochs={args.sft_epochs}",
-                                 f"output_dir={out / 'sft'}"])  # fmt: skip
+                                 f"sft.batch_size={args.sft_batch_size}", f"output_dir={out / 'sft'}"])  # fmt: skip
     sft_hf = checkpoint.latest(out / "sft" / "checkpoints") / checkpoint.HF_DIR
     g0_minutes = run("train.py", [*rl, f"output_dir={out / 'g0'}"])
     g1_minutes = run("train.py", [*rl, f"model.path={sft_hf}", f"output_dir={out / 'g1'}"])
