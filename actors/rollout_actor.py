@@ -12,7 +12,8 @@ A stream (`stream`, async mode), until `stop_stream`:
     preparer thread: pool.sample + chat prompt + engine input, one state at a time, into a bounded queue
     this thread:     a state goes to the engine (n = G samples) whenever one of `max_states_in_flight` slots is free
     pusher thread:   finished requests -> scored on clones -> TrajectoryGroups -> ONE buffer.put_many per batch;
-                     a slot frees only once its group is pushed, so a full buffer stalls generation (bounded memory)
+                     at most 2 x max_states_in_flight states are submitted and not yet pushed, so a full buffer
+                     stalls generation (bounded memory)
 Weights arrive while streaming (`receive_weights`, `load_weights`): the engine pauses its requests in flight (vLLM's
 "keep"), loads, and resumes them with the new weights; each response records the versions it spans
 (`TrajectoryGroup.response_versions`), its group the oldest.
@@ -452,8 +453,9 @@ class RolloutActor:
     def stream(self, max_states_in_flight: int | None = None) -> StreamSummary:
         """Generates continuously into the buffer until `stop_stream` (or the buffer is closed or dead).
 
-        Up to `max_states_in_flight` states are in the engine or waiting to be pushed at any time; a freed slot is
-        refilled at once from the states a preparer thread keeps ready. On `stop_stream` the requests in flight
+        Up to `max_states_in_flight` states are in the engine at any time, and twice that many submitted and not yet
+        pushed; a slot freed by a finished request is refilled at once from the states a preparer thread keeps
+        ready, unless the groups waiting for the buffer have reached that bound. On `stop_stream` the requests in flight
         finish and their groups are pushed before this returns; when the buffer is closed or dead they are aborted.
 
         Args:
@@ -524,13 +526,15 @@ class RolloutActor:
 class _StreamRun:
     """One `RolloutActor.stream` call: its preparer and pusher threads, its queues and its counts.
 
-    A slot (the semaphore) is taken before a state is submitted and given back once its group was pushed (or it was
-    skipped or aborted), so at most `slots` states are in the engine or waiting for the buffer.
+    An engine slot is taken before a state is submitted and given back when its request ends; a backlog slot (twice
+    as many) is taken with it and given back once its group was pushed (or it was skipped or aborted). The engine
+    is refilled while earlier groups are scored and pushed, and a buffer that takes nothing stops submissions.
     """
 
     def __init__(self, actor: RolloutActor, slots: int) -> None:
         self.actor = actor
-        self.slots = threading.Semaphore(slots)
+        self.engine_slots = threading.Semaphore(slots)
+        self.backlog = threading.Semaphore(2 * slots)
         self.ready: queue.Queue[_Prepared] = queue.Queue(maxsize=slots)  # states prepared ahead
         self.finished: queue.Queue[tuple[_Prepared, int, int, Future]] = queue.Queue()  # (item, first, last, output)
         self.start = time.perf_counter()
@@ -582,10 +586,10 @@ class _StreamRun:
 
     # ---- this thread: submissions -------------------------------------------------------------------------------
     def _submit_loop(self) -> None:
-        actor, stop = self.actor, self.actor._stop
-        while not stop.is_set():
-            if not self.slots.acquire(timeout=POLL_S):
-                continue
+        actor = self.actor
+        while self._acquire(self.backlog):
+            if not self._acquire(self.engine_slots):
+                break
             item = self._next_ready()
             if item is None:
                 break
@@ -603,6 +607,13 @@ class _StreamRun:
             for future in in_flight:
                 future.cancel()  # aborts the request in the engine
 
+    def _acquire(self, slots: threading.Semaphore) -> bool:
+        """Takes a slot; False when the stream is stopping instead."""
+        while not self.actor._stop.is_set():
+            if slots.acquire(timeout=POLL_S):
+                return True
+        return False
+
     def _next_ready(self) -> _Prepared | None:
         while not self.actor._stop.is_set():
             try:
@@ -614,6 +625,7 @@ class _StreamRun:
     def _on_done(self, item: _Prepared, first: int, future: Future) -> None:
         """On the engine's loop thread: the request ended (its last version is the engine's now)."""
         self.actor._left_engine()
+        self.engine_slots.release()
         with self.lock:
             self.in_flight.discard(future)
         self.finished.put((item, first, self.actor.engine.policy_version, future))
@@ -652,7 +664,7 @@ class _StreamRun:
                 with self.lock:
                     self.counts["done"] += len(batch)
                 for _ in batch:
-                    self.slots.release()
+                    self.backlog.release()
 
     def _take_batch(self) -> list[tuple[_Prepared, int, int, Future]] | None:
         """The requests finished so far (at least one); None once submitting ended and every request was handled."""
