@@ -40,8 +40,10 @@ import json
 import os
 import pickle
 import threading
+import time
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +52,18 @@ import torch
 from actors.config import RolloutConfig
 from actors.models import ModelSource, on_this_node, require_vllm
 from actors.vocab import allowed_token_ids
+from learner.weight_sync import SyncGroupInfo, SyncPlan, update_info
 
 WORKER_EXTENSION = "actors.vllm_worker_ext.WeightSyncExtension"
 GIB = 1 << 30
+
+
+def transfer_backend() -> str:
+    """The weight-transfer engine of this node's vLLM workers: vLLM's NCCL engine, or the project's gloo engine
+    where there is no GPU (actors/weight_transfer.py)."""
+    from vllm.platforms import current_platform
+
+    return "gloo" if current_platform.is_cpu() else "nccl"
 
 
 def _engine_dtype(dtype: str, source: ModelSource, on_cpu: bool) -> str:
@@ -108,6 +119,7 @@ class VLLMEngine:
             max_model_len=config.max_model_len,
             logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
+            weight_transfer_config={"backend": transfer_backend()},  # vLLM's WeightTransferConfig
             limit_mm_per_prompt={"image": 1, "video": 0},
             load_format="dummy" if source.random_weights else "auto",
             disable_log_stats=True,
@@ -234,24 +246,43 @@ class VLLMEngine:
         self.reset_caches()
         return counts[0]
 
-    def join_weight_sync(self, info: Any, rank_offset: int) -> None:
-        """Joins the learner's weight-sync group: worker r of this engine becomes rank `rank_offset + r`.
+    def join_weight_sync(self, info: SyncGroupInfo, rank_offset: int) -> None:
+        """Joins the learner's weight-sync group: worker r of this engine becomes sync rank `rank_offset + r`.
 
-        Blocks until every member has joined (learner.LearnerGroup.init_weight_sync starts all joins together).
+        The group of a previous call is destroyed first (vLLM's `shutdown_weight_transfer_engine`), then every worker
+        passes the gate and joins through vLLM's `init_weight_transfer_engine`. Blocks until every member has joined
+        (learner.LearnerGroup.init_weight_sync starts all joins together).
+
+        Raises:
+            RuntimeError: the group did not form within its timeout (a member missing at the gate).
         """
-        self.collective_rpc("join_weight_sync", args=(info, rank_offset))
+        self.collective_rpc("shutdown_weight_transfer_engine")
+        self.collective_rpc("pass_weight_sync_gate", kwargs={"group": asdict(info), "rank_offset": rank_offset})
+        self.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": info.init_info(rank_offset)})
 
-    def receive_weights(self, plan: Any) -> float:
-        """Receives one broadcast (learner.weight_sync.SyncPlan) into every worker, drops the caches built from the
-        old weights and takes the plan's version. One control call per sync, whatever the number of tensors.
+    def receive_weights(self, plan: SyncPlan) -> float:
+        """Receives one broadcast (learner.weight_sync.SyncPlan) into every worker through vLLM's weight-update
+        lifecycle, drops the caches built from the old weights and takes the plan's version. One control call per
+        lifecycle step, whatever the number of tensors.
+
+        A failed update is reset in every worker (vLLM's layer-wise reload state, the transfer group) before the
+        error is raised, so the model holds complete weights and the next group can form.
 
         Returns:
-            Seconds the slowest worker spent receiving and loading.
+            Seconds spent receiving and loading.
         """
-        load_s = max(self.collective_rpc("receive_weights", args=(plan,)))
-        self.reset_caches()
+        start = time.perf_counter()
+        try:
+            self.collective_rpc("start_weight_update")
+            self.collective_rpc("update_weights", kwargs={"update_info": update_info(plan, transfer_backend())})
+            self.collective_rpc("finish_weight_update")
+        except BaseException:
+            self.collective_rpc("abort_weight_update")
+            raise
+        finally:
+            self.reset_caches()
         self.policy_version = plan.version
-        return load_s
+        return time.perf_counter() - start
 
     def reset_caches(self) -> None:
         """Drops the encoder cache (image features of old weights) and the prefix cache (KV of old weights), and

@@ -1,25 +1,25 @@
-"""The receiving end of weight updates, running inside each vLLM worker process.
+"""Project methods inside each vLLM worker process, next to vLLM's own weight-transfer lifecycle.
 
-vLLM mixes this class into its worker class (`LLM(worker_extension_cls="actors.vllm_worker_ext.WeightSyncExtension")`),
-so `llm.collective_rpc("<method>", ...)` runs the method on every worker (every tensor-parallel rank), with `self` the
-worker: `self.model_runner`, `self.reload_weights`, `self.device` are vLLM's. Method names must not clash with the
-worker's own attributes (vLLM asserts that at start-up).
+vLLM mixes this class into its worker class (`worker_extension_cls="actors.vllm_worker_ext.WeightSyncExtension"`), so
+`collective_rpc("<method>", ...)` runs the method on every worker (every tensor-parallel rank), with `self` the
+worker: `self.model_runner`, `self.reload_weights`, `self.weight_transfer_engine` are vLLM's. Method names must not
+clash with the worker's own attributes (vLLM asserts that at start-up).
 
-Weights are loaded through vLLM's in-place reload (`Worker.reload_weights`), not the model's `load_weights`: the CPU
-backend repacks weights into kernel layouts after loading, which a direct `load_weights` call would bypass. Each call
-should carry whole layers (all tensors of a module), as the checkpoint loader would.
+Broadcast weights arrive through vLLM's own worker methods (`init_weight_transfer_engine`, `start_weight_update`,
+`update_weights`, `finish_weight_update`); this class adds what they lack: the gate before a group forms and the reset
+of a failed update. Importing it registers the CPU transfer engine (see `actors/weight_transfer.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-# The sync group and the plan format are shared with the sender; learner.weight_sync imports neither deepspeed nor ray.
-from learner.weight_sync import SyncGroup, SyncGroupInfo, SyncPlan, unpack_bucket
+from actors.weight_transfer import abort_layerwise_reload
+from learner.weight_sync import SyncGroupInfo, connect, gate
 
 
 class WeightSyncExtension:
@@ -27,6 +27,9 @@ class WeightSyncExtension:
 
     def load_policy_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Loads checkpoint-named tensors (as in the model's safetensors) into this worker's model in place.
+
+        Weights go through vLLM's in-place reload (`Worker.reload_weights`), not the model's `load_weights` alone:
+        the CPU backend repacks weights into kernel layouts after loading, which a direct call would bypass.
 
         Args:
             weights: (name, tensor) pairs; tensors on any device, in any float dtype (cast on copy).
@@ -38,41 +41,23 @@ class WeightSyncExtension:
         self.reload_weights(weights_iterator=iter(received), is_checkpoint_format=True)
         return len(received)
 
-    def join_weight_sync(self, info: SyncGroupInfo, rank_offset: int) -> None:
-        """Joins the weight-sync group as rank `rank_offset + <this worker's rank>` (TP rank 0 at `rank_offset`).
+    def pass_weight_sync_gate(self, group: dict[str, Any], rank_offset: int) -> None:
+        """Waits, as sync rank `rank_offset + <TP rank>`, until every member of the group has arrived (see
+        `learner.weight_sync.gate`); call before `init_weight_transfer_engine`, whose group creation may not time out.
 
-        Blocks until every member (learner rank 0 and all engines' workers) has joined; joining again (a re-created
-        group after an engine restart) replaces the old membership.
+        Raises:
+            RuntimeError: members missing after the group's timeout.
         """
-        self._weight_sync_group = SyncGroup.join(info, rank_offset + self.rank, self.device)
+        info = SyncGroupInfo(**group)
+        gate(info, rank_offset + self.rank, connect(info))
 
-    def receive_weights(self, plan: SyncPlan) -> float:
-        """Receives one sync's buckets from learner rank 0 and loads them in place, bucket after bucket.
-
-        The generator receives a bucket only when vLLM's loader asks for its first tensor, so at most one bucket
-        (plus the layers still waiting for their last tensor) is in memory. vLLM's reload also resets this worker's
-        encoder and multimodal caches; the engine resets the prefix cache (a scheduler-side structure).
-
-        Returns:
-            Seconds spent receiving and loading.
-        """
-        start = time.perf_counter()
-
-        def stream() -> Iterator[tuple[str, torch.Tensor]]:
-            for bucket in plan.buckets:
-                flat = torch.empty(bucket.numel, dtype=bucket.torch_dtype, device=self.device)  # (numel,)
-                self._weight_sync_group.broadcast(flat)
-                yield from unpack_bucket(bucket, flat)
-
-        weights = stream()
-        try:
-            self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
-        finally:
-            # Every bucket must be received even if the loader stopped early or failed, or the sender's broadcast
-            # never completes; a failure is raised once the stream is drained.
-            for _ in weights:
-                pass
-        return time.perf_counter() - start
+    def abort_weight_update(self) -> None:
+        """Resets a weight update that failed: vLLM's layer-wise reload state (see
+        `actors.weight_transfer.abort_layerwise_reload`), the worker's update flag, and the transfer group, which is
+        unusable after a failed collective (a new group must form before the next update)."""
+        abort_layerwise_reload(self.weight_transfer_engine.model)
+        self._weight_update_active = False
+        self.weight_transfer_engine.shutdown()
 
     def weight_checksums(self) -> dict[str, str]:
         """SHA-256 of every parameter and buffer of this worker's model, by vLLM name (in vLLM's own layout).

@@ -1,15 +1,18 @@
 """Weight-sync benchmark: ZeRO-3 gather + bucketed broadcast from the learner group into vLLM engines.
 
 For the tiny model and a ~106 M-parameter model of the same architecture (random weights, float32), it times syncs
-from a 2-rank ZeRO-3 learner group (every tensor sharded) to vLLM engines in Ray actors, and prints per sync:
-the gather time (ZeRO-3 all-gathers + packing on learner rank 0), the broadcast time on rank 0, the engines' receive +
-load time, the wall time the driver sees, and the achieved GB/s beside this machine's memcpy GB/s measured in the same
-run. The last line is the summary for the larger model:
+from a 2-rank ZeRO-3 learner group (every tensor sharded) to vLLM engines in Ray actors, through vLLM's
+weight-transfer lifecycle (the gloo engine of actors/weight_transfer.py on CPU), and prints per sync where the time
+goes: on learner rank 0 the ZeRO-3 gathers and the packing + sending; in the slowest engine the waits for buckets
+(transfer), vLLM's layer-wise loading and its finalize; the wall time the driver sees and the achieved GB/s. Then, on
+the same weights, vLLM's own in-place reload alone (`reload_weights` from tensors already in the engine's process, the
+floor of any loading path), and this machine's memcpy GB/s, measured in the same run. The last line is the summary for
+the larger model:
 
-    weight_sync: params=... sync_s=... gbps=... memcpy_gbps=...
+    weight_sync: params=... sync_s=... gbps=... memcpy_gbps=... memcpy_share=... reload_s=... vs_reload=...
 
-Run: `.venv/bin/python bench/weight_sync.py [--engines 2] [--syncs 3] [--bucket-mb 512]`. On CPU the transport is
-gloo over loopback TCP, so gbps is bounded by the kernel's socket copies, well below memcpy.
+(`vs_reload`: sync time / reload time.) Run: `.venv/bin/python -P bench/weight_sync.py [--engines 2] [--syncs 3]
+[--bucket-mb 512]`. On CPU the transport is gloo over loopback TCP, bounded by the kernel's socket copies.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import pickle
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 # One thread per process and vLLM's engine core in-process, before torch or vLLM are imported (docs cpu-stack.md).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -58,8 +64,29 @@ def memcpy_gbps(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
+def in_worker(engine: ray.actor.ActorHandle, fn: Callable, *args: Any) -> Any:
+    """`fn(worker, *args)` in the first vLLM worker of an engine actor (in its engine-core process), through
+    AsyncLLM's own `collective_rpc`, which takes a function (`VLLMEngine.collective_rpc` takes method names)."""
+    return ray.get(engine.__ray_call__.remote(lambda e: e._run(e.llm.collective_rpc(fn, args=args))))[0]
+
+
+def engine_timings(worker: Any) -> dict[str, float]:
+    """The gloo engine's phase times of the last update."""
+    return worker.weight_transfer_engine.timings
+
+
+def timed_reload(worker: Any, payload: bytes) -> float:
+    """Seconds of vLLM's own in-place reload (`Worker.reload_weights`) of pickled (name, tensor) pairs, unpickled
+    before the clock starts: the weights are already in the worker's memory, as a received bucket is."""
+    pairs = pickle.loads(payload)
+    start = time.perf_counter()
+    worker.reload_weights(weights_iterator=iter(pairs), is_checkpoint_format=True)
+    return time.perf_counter() - start
+
+
 def bench_model(name: str, model_dir: str, args: argparse.Namespace) -> dict[str, float]:
-    """Times `args.syncs` syncs (after a first, full one that also warms up) of `model_dir`; returns the medians."""
+    """Times `args.syncs` syncs (after a first, full one that also warms up) of `model_dir`, then vLLM's reload alone
+    of the same weights; returns the medians."""
     config = LearnerConfig(model_dir=model_dir, num=2, param_persistence_threshold=0)
     group = LearnerGroup(config, GRPOConfig(), WeightSyncConfig(bucket_mb=args.bucket_mb), num_cpus=0.5)
     params = sum(t.numel() for t in group.consolidated_state_dict().values())
@@ -68,14 +95,21 @@ def bench_model(name: str, model_dir: str, args: argparse.Namespace) -> dict[str
     group.init_weight_sync(engines)
     first = group.sync_weights(version=1)
     print(f"{name}: {params / 1e6:.1f} M params, first (full) sync {first.total_s:.3f} s, {first.nbytes / 1e6:.0f} MB")
-    runs = []
+    runs, phases = [], []
     for version in range(2, 2 + args.syncs):
         stats = group.sync_weights(version)
+        engine_phases = [in_worker(e, engine_timings) for e in engines]
         runs.append(stats)
+        phases.append({k: max(p[k] for p in engine_phases) for k in engine_phases[0]})
         print(
-            f"{name}: sync v{version}: gather {stats.gather_s:.3f} s  broadcast {stats.broadcast_s:.3f} s  "
-            f"load {stats.load_s:.3f} s  total {stats.total_s:.3f} s  {stats.gbps:.2f} GB/s"
+            f"{name}: sync v{version}: learner gather {stats.gather_s:.3f} s, pack+send {stats.broadcast_s:.3f} s; "
+            f"engine receive {phases[-1]['receive_s']:.3f} s, load {phases[-1]['load_s']:.3f} s, "
+            f"finalize {phases[-1]['finish_s']:.3f} s, all {stats.load_s:.3f} s; "
+            f"total {stats.total_s:.3f} s  {stats.gbps:.2f} GB/s"
         )
+    payload = pickle.dumps(list(group.consolidated_state_dict().items()), protocol=pickle.HIGHEST_PROTOCOL)
+    reloads = [in_worker(engines[0], timed_reload, payload) for _ in range(args.syncs)]
+    print(f"{name}: vLLM's reload alone (in the engine's process): " + ", ".join(f"{t:.3f} s" for t in reloads))
     for engine in engines:
         ray.kill(engine)
     group.shutdown()
@@ -84,7 +118,9 @@ def bench_model(name: str, model_dir: str, args: argparse.Namespace) -> dict[str
         "params": params,
         "nbytes": runs[0].nbytes,
         **{k: statistics.median(getattr(r, k) for r in runs) for k in ("gather_s", "broadcast_s", "load_s", "total_s")},
+        **{k: statistics.median(p[k] for p in phases) for k in phases[0]},
         "gbps": statistics.median(r.gbps for r in runs),
+        "reload_s": statistics.median(reloads),
     }
 
 
@@ -106,13 +142,16 @@ def main() -> None:
     for name, r in results.items():
         print(
             f"{name}: {r['params'] / 1e6:.1f} M params, {r['nbytes'] / 1e6:.0f} MB per sync, median of {args.syncs}: "
-            f"gather {r['gather_s']:.3f} s, broadcast {r['broadcast_s']:.3f} s, load {r['load_s']:.3f} s, "
-            f"total {r['total_s']:.3f} s = {r['gbps']:.2f} GB/s ({r['gbps'] / memcpy:.1%} of memcpy)"
+            f"learner gather {r['gather_s']:.3f} s, pack+send {r['broadcast_s']:.3f} s; engine receive "
+            f"{r['receive_s']:.3f} s, load {r['load_s']:.3f} s, finalize {r['finish_s']:.3f} s; total "
+            f"{r['total_s']:.3f} s = {r['gbps']:.2f} GB/s ({r['gbps'] / memcpy:.1%} of memcpy); vLLM's reload alone "
+            f"{r['reload_s']:.3f} s ({r['total_s'] / r['reload_s']:.2f}x of it)"
         )
     medium = results["medium"]
     print(
         f"weight_sync: params={medium['params']} sync_s={medium['total_s']:.3f} gbps={medium['gbps']:.3f} "
-        f"memcpy_gbps={memcpy:.2f} engines={args.engines} bucket_mb={args.bucket_mb}"
+        f"memcpy_gbps={memcpy:.2f} memcpy_share={medium['gbps'] / memcpy:.3f} reload_s={medium['reload_s']:.3f} "
+        f"vs_reload={medium['total_s'] / medium['reload_s']:.2f} engines={args.engines} bucket_mb={args.bucket_mb}"
     )
     ray.shutdown()
 

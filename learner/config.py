@@ -155,9 +155,11 @@ class WeightSyncConfig:
     every_steps: int = 1
     """Learner updates between two syncs (sync mode: 1)."""
     backend: str = "auto"
-    """Transport: 'gloo' (CPU), 'nccl' (GPU, vLLM's PyNccl) or 'auto' (nccl when the learner sees CUDA)."""
+    """Transport: 'gloo' (CPU: the project's engine, actors/weight_transfer.py), 'nccl' (GPU: vLLM's NCCL
+    weight-transfer engine) or 'auto' (nccl when the learner sees CUDA). Engines pick theirs from their device."""
     timeout_s: float = 600.0
-    """How long a member of the sync group waits for the others (group creation and each collective)."""
+    """How long a member of the sync group waits for the others (at the gate before a group forms, and in each
+    collective)."""
 
     def validate(self) -> WeightSyncConfig:
         _require(self.bucket_mb >= 1, "weight_sync.bucket_mb", "an integer >= 1", self.bucket_mb)

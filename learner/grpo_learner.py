@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from learner.batch import MicroBatch, Sample, collate, encode_groups, encode_sft
 from learner.config import GRPOConfig, LearnerConfig
 from learner.grpo import aggregate, behaviour_weights, entropy_from_logits, kl_penalty, policy_loss
 from learner.sft import SFTExample, sft_loss
-from learner.weight_sync import SyncGroup, SyncGroupInfo, SyncPlan, pack_bucket, plan_buckets
+from learner.weight_sync import Bucket, SyncGroupInfo, SyncPlan, SyncSender, plan_buckets
 from replay.trajectory import TrajectoryGroup
 
 logger = logging.getLogger(__name__)
@@ -87,9 +88,7 @@ class Learner:
         self.step = 0  # update() calls so far
         self.version = 0  # policy version of the last weight sync
         self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients, over the whole run
-        self._sync_info: SyncGroupInfo | None = None
-        self._sync_store: dist.Store | None = None
-        self._sync_group: SyncGroup | None = None
+        self._sync: SyncSender | None = None  # rank 0's end of the weight-sync group
         self._frozen_sent = False  # frozen parameters go to the engines once per sync group
 
     @staticmethod
@@ -440,17 +439,19 @@ class Learner:
         state = self.engine._zero3_consolidated_16bit_state_dict()
         return {k: v.cpu() for k, v in state.items()} if self.rank == 0 else {}
 
-    def serve_weight_sync(self, world_size: int, backend: str, timeout_s: float) -> SyncGroupInfo:
-        """Rank 0: opens a new sync group's store; the next sync sends every parameter (frozen ones included)."""
-        host = self.node_address()[0]
+    def serve_weight_sync(self, world_size: int, backend: str, timeout_s: float, bucket_mb: int) -> SyncGroupInfo:
+        """Rank 0: destroys the previous sync group, if any, and opens a new one's store; the next sync sends every
+        parameter (frozen ones included)."""
+        if self._sync is not None:
+            self._sync.close()
         backend = ("nccl" if self.device.type == "cuda" else "gloo") if backend == "auto" else backend
-        self._sync_info, self._sync_store = SyncGroup.serve(host, world_size, backend, timeout_s)
+        self._sync = SyncSender.serve(self.node_address()[0], world_size, backend, timeout_s, bucket_mb * 2**20)
         self._frozen_sent = False
-        return self._sync_info
+        return self._sync.info
 
     def join_weight_sync(self) -> None:
         """Rank 0: joins the group opened by `serve_weight_sync`; blocks until every engine worker joined."""
-        self._sync_group = SyncGroup.join(self._sync_info, 0, self.device, store=self._sync_store)
+        self._sync.join()
 
     def weight_plan(self, version: int, bucket_mb: int) -> SyncPlan:
         """The next sync's plan: trainable parameters, plus frozen ones on a group's first sync."""
@@ -471,25 +472,31 @@ class Learner:
         group is then unusable until `serve_weight_sync` opens a new one.
 
         Returns:
-            `gather_s` (gathering and packing) and `broadcast_s` (sending, which includes waiting for the engines to
-            load the previous bucket) on rank 0, and `error`: None, or why the broadcast failed.
+            `gather_s` (ZeRO-3 gathers) and `broadcast_s` (packing and sending, which includes waiting for the engines
+            to load the previous bucket) on rank 0, and `error`: None, or why the broadcast failed.
         """
         named = dict(self.engine.module.named_parameters())
-        gather_s = broadcast_s = 0.0
+        gather_s = 0.0
         error: str | None = None
-        for bucket in plan.buckets:
-            t0 = time.perf_counter()
-            params = [named[slot.name] for slot in bucket.slots]
-            with deepspeed.zero.GatheredParameters(params):
-                if self.rank == 0 and error is None:
-                    flat = pack_bucket(bucket, {s.name: named[s.name].data for s in bucket.slots}, self.device)
-            t1 = time.perf_counter()
-            if self.rank == 0 and error is None:
-                try:
-                    self._sync_group.broadcast(flat)
-                except RuntimeError as e:  # the group tore itself down: later syncs fail until a new one forms
-                    error = f"{type(e).__name__}: {e}"
-            gather_s, broadcast_s = gather_s + t1 - t0, broadcast_s + time.perf_counter() - t1
+
+        def gathered() -> Iterator[tuple[Bucket, dict[str, torch.Tensor]]]:
+            nonlocal gather_s
+            for bucket in plan.buckets:
+                t0 = time.perf_counter()
+                with deepspeed.zero.GatheredParameters([named[slot.name] for slot in bucket.slots]):
+                    gather_s += time.perf_counter() - t0
+                    yield bucket, {slot.name: named[slot.name].data for slot in bucket.slots}
+
+        buckets = gathered()
+        start = time.perf_counter()
+        if self.rank == 0:
+            try:
+                self._sync.send(buckets)
+            except RuntimeError as e:  # the group tore itself down: later syncs fail until a new one forms
+                error = f"{type(e).__name__}: {e}"
+        for _ in buckets:  # ranks > 0, and rank 0 after a failure: the rest of the gathers
+            pass
+        broadcast_s = time.perf_counter() - start - gather_s
         if error is None:
             self.version = plan.version
             self._frozen_sent = self._frozen_sent or plan.full

@@ -5,18 +5,18 @@ nodes); rank 0's node address and a free port on it are the world's MASTER_ADDR/
 
 Weight sync, seen from the driver (`init_weight_sync` once, `sync_weights` every k updates)::
 
-    driver --serve--> learner 0: new TCPStore          --> SyncGroupInfo
-    driver --join_weight_sync(info, 1 + i*TP)--> engine i (all its TP workers)   } concurrently: joining blocks
-    driver --join_weight_sync--> learner 0                                       } until all members are in
+    driver --serve--> learner 0: old group destroyed, new TCPStore             --> SyncGroupInfo
+    driver --join_weight_sync(info, 1 + i*TP)--> engine i (all its TP workers)   } concurrently: each member passes
+    driver --join_weight_sync--> learner 0                                       } the gate, then joins the group
     ...
     driver --weight_plan--> learner 0                   --> SyncPlan (names, shapes, buckets)
-    driver --receive_weights(plan)--> engine i          ONE control call per engine per sync
+    driver --receive_weights(plan)--> engine i          ONE remote call per engine per sync
     driver --broadcast_weights(plan)--> every learner   ZeRO-3 gather per bucket; rank 0 broadcasts
 
-An engine is any Ray actor handle (a rollout actor, or a vLLM engine actor) with two remote methods:
-`join_weight_sync(info, rank_offset)` and `receive_weights(plan) -> load seconds`. Each forwards to the same-named
-method of `actors/vllm_worker_ext.py` on all its workers through `collective_rpc`; `receive_weights` then resets the
-engine's prefix and encoder caches and takes `plan.version` as its policy version.
+An engine is any Ray actor handle (a rollout actor, or a vLLM engine actor) with two remote methods, those of
+`actors.vllm_engine.VLLMEngine`: `join_weight_sync(info, rank_offset)` and `receive_weights(plan) -> load seconds`.
+They drive vLLM's weight-transfer lifecycle on all the engine's workers (see learner/weight_sync.py); `receive_weights`
+then resets the engine's prefix and encoder caches and takes `plan.version` as its policy version.
 
 Late join (an engine restarted): the old group has a dead member and cannot be reused, so the driver calls
 `init_weight_sync` again with the full list of engines; the first sync of a new group sends every parameter, frozen
@@ -204,13 +204,14 @@ class LearnerGroup:
 
         Raises:
             WeightSyncError: the group did not form, e.g. an engine died before joining: the others then wait for it
-                until weight_sync.timeout_s, so the error comes after that timeout.
+                at the gate until weight_sync.timeout_s, so the error comes after that timeout.
         """
         self._check_open()
         world_size = len(engines) * workers_per_engine + 1
         leader = self.learners[0]
         self.engines = []
-        info = self._gather([leader.serve_weight_sync.remote(world_size, self.sync.backend, self.sync.timeout_s)])[0]
+        serve = leader.serve_weight_sync.remote(world_size, self.sync.backend, self.sync.timeout_s, self.sync.bucket_mb)
+        info = self._gather([serve])[0]
         joins = [engine.join_weight_sync.remote(info, 1 + i * workers_per_engine) for i, engine in enumerate(engines)]
         _, leader_failed = _settle([leader.join_weight_sync.remote()])
         _, failures = _settle(joins)

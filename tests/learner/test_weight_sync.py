@@ -7,12 +7,17 @@ outputs.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import pytest
 import ray
 
 from learner import WeightSyncError, checkpoint
+
+# The functions below run inside engine and learner actors, which cannot import this test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +32,41 @@ def _prompts(make_groups):
 
 def _checksums(engine) -> dict[str, str]:
     return ray.get(engine.checksums.remote())
+
+
+def _in_workers(engine, fn) -> list:
+    """`fn(worker)` in every vLLM worker of an engine actor (in its engine-core process), through AsyncLLM's own
+    `collective_rpc`, which takes a function (`VLLMEngine.collective_rpc` takes method names)."""
+    return ray.get(engine.__ray_call__.remote(lambda e: e._run(e.llm.collective_rpc(fn))))
+
+
+def _fail_second_load(worker) -> None:
+    """Runs in a vLLM worker: its next sync fails halfway through loading the second bucket (as running out of memory
+    would), leaving layers with some of their tensors loaded."""
+    model = worker.weight_transfer_engine.model
+    load, calls = model.load_weights, []
+
+    def load_or_fail(weights):
+        calls.append(1)
+        if len(calls) == 2:
+            del model.load_weights  # the model's own method again
+            weights = list(weights)
+            load(weights[: len(weights) // 2])
+            raise RuntimeError("injected: out of memory while loading")
+        return load(weights)
+
+    model.load_weights = load_or_fail
+
+
+def _sockets(_caller) -> int:
+    """Open sockets of the calling process (a worker's, or an actor's through `__ray_call__`)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:  # closed since listed
+            pass
+    return count
 
 
 def test_sync_gives_every_engine_the_learners_weights(learners_2, engines, make_groups, tmp_path):
@@ -131,3 +171,39 @@ def test_frozen_vision_is_sent_once_and_engines_keep_it(new_learner_group, engin
         frozen.shutdown()
     ray.get(reference.rebuild.remote(f"{path}/{checkpoint.HF_DIR}"))
     assert _checksums(first) == _checksums(reference)
+
+
+def test_a_sync_that_fails_halfway_and_is_retried_leaves_every_engine_equal_to_the_learner(
+    learners_2, engines, make_groups, tmp_path
+):
+    first, second, reference = engines
+    prompts = _prompts(make_groups)
+    learners_2.init_weight_sync([first, second])
+    learners_2.sync_weights(version=20)
+    learners_2.update(make_groups(2, seed=55))
+    _in_workers(second, _fail_second_load)
+    with pytest.raises(WeightSyncError) as failed:
+        learners_2.sync_weights(version=21)
+    assert set(failed.value.engine_errors) == {0, 1} and "injected" in failed.value.engine_errors[1]
+    # vLLM's layer-wise reload state was reset: every layer holds complete weights (none left on the meta device).
+    assert all(len(out) > 0 for e in (first, second) for out in ray.get(e.greedy.remote(prompts)))
+
+    learners_2.update(make_groups(2, seed=56))
+    learners_2.init_weight_sync([first, second])
+    assert learners_2.sync_weights(version=22).full
+    path = learners_2.save_checkpoint(str(tmp_path), {}, keep_last=1)
+    ray.get(reference.rebuild.remote(f"{path}/{checkpoint.HF_DIR}"))
+    expected = _checksums(reference)
+    assert _checksums(first) == expected and _checksums(second) == expected
+
+
+def test_rebuilding_the_group_destroys_the_old_one(learners_2, engines):
+    first, second, _ = engines
+    counts = []
+    for version in range(30, 34):
+        learners_2.init_weight_sync([first, second])
+        learners_2.sync_weights(version)
+        engines_ = [_in_workers(e, _sockets) for e in (first, second)]
+        counts.append([*engines_, ray.get(learners_2.learners[0].__ray_call__.remote(_sockets))])
+    # A leaked group keeps its gloo connections and store sockets: the counts would grow with every rebuild.
+    assert counts[3] <= counts[1], counts

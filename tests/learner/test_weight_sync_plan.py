@@ -1,12 +1,24 @@
-"""The bucket plan, packing and the gloo sync group, without DeepSpeed or vLLM."""
+"""The bucket plan, packing, the engines' update infos, the gate and the gloo sync group, without DeepSpeed or vLLM."""
 
 from __future__ import annotations
 
 import threading
+import time
 
+import pytest
 import torch
 
-from learner.weight_sync import SyncGroup, pack_bucket, plan_buckets, unpack_bucket
+from learner.weight_sync import (
+    SyncGroup,
+    SyncSender,
+    bucket_from_info,
+    connect,
+    gate,
+    pack_bucket,
+    plan_buckets,
+    unpack_bucket,
+    update_info,
+)
 
 MiB = 2**20
 
@@ -44,16 +56,29 @@ def test_pack_then_unpack_returns_every_tensor_exactly():
     assert all(torch.equal(out[n], tensors[n]) for n in tensors)
 
 
+def test_update_infos_describe_the_plan_for_either_engine():
+    tensors = _tensors()
+    plan = plan_buckets([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], 2 * MiB, version=3, full=True)
+    gloo = update_info(plan, "gloo")
+    assert tuple(bucket_from_info(b) for b in gloo["buckets"]) == plan.buckets
+    nccl = update_info(plan, "nccl")  # vLLM's NCCLWeightTransferUpdateInfo fields, in broadcast order
+    assert nccl["names"] == plan.names
+    assert nccl["dtype_names"] == ["float32"] * 4 + ["bfloat16"]
+    assert nccl["shapes"] == [list(t.shape) for t in tensors.values()]
+
+
 def test_gloo_sync_group_broadcasts_buckets_from_rank_0():
     tensors = _tensors()
     plan = plan_buckets([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], 2 * MiB, version=1, full=True)
-    info, store = SyncGroup.serve("127.0.0.1", world_size=3, backend="gloo", timeout_s=60)
+    sender = SyncSender.serve("127.0.0.1", world_size=3, backend="gloo", timeout_s=60, bucket_bytes=2 * MiB)
     received: dict[int, dict[str, torch.Tensor]] = {1: {}, 2: {}}
     errors: list[BaseException] = []
 
     def member(rank: int) -> None:
         try:
-            group = SyncGroup.join(info, rank, torch.device("cpu"))
+            store = connect(sender.info)
+            gate(sender.info, rank, store)
+            group = SyncGroup(sender.info, rank, store)
             for bucket in plan.buckets:
                 flat = torch.empty(bucket.numel, dtype=bucket.torch_dtype)
                 group.broadcast(flat)
@@ -64,11 +89,23 @@ def test_gloo_sync_group_broadcasts_buckets_from_rank_0():
     threads = [threading.Thread(target=member, args=(r,)) for r in (1, 2)]
     for t in threads:
         t.start()
-    sender = SyncGroup.join(info, 0, torch.device("cpu"), store=store)
-    for bucket in plan.buckets:
-        sender.broadcast(pack_bucket(bucket, tensors, torch.device("cpu")))
+    sender.join()
+    sender.send((bucket, tensors) for bucket in plan.buckets)
     for t in threads:
         t.join(timeout=60)
+    sender.close()
     assert not errors
     for rank in (1, 2):
         assert all(torch.equal(received[rank][n], tensors[n]) for n in tensors)
+
+
+def test_the_gate_names_the_missing_ranks_after_its_timeout():
+    sender = SyncSender.serve("127.0.0.1", world_size=3, backend="gloo", timeout_s=1, bucket_bytes=MiB)
+    member = threading.Thread(target=lambda: pytest.raises(RuntimeError, gate, sender.info, 1, connect(sender.info)))
+    member.start()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"did not form in 1s, sync ranks \[2\] never arrived"):
+        sender.join()
+    assert time.monotonic() - start < 10
+    member.join(timeout=10)
+    sender.close()
