@@ -477,10 +477,7 @@ class RolloutActor:
             self._random_steps_seen = self.pool.random_steps
         run = _StreamRun(self, slots)
         self.streams += 1
-        try:
-            run.go()
-        finally:
-            self._stop.set()
+        run.go()
         return run.summary()
 
     def stop_stream(self) -> None:
@@ -558,6 +555,7 @@ class _StreamRun:
         try:
             self._submit_loop()
         finally:
+            self.actor._stop.set()  # ends the preparer (also when a submission raised)
             with self.lock:
                 self.submitting = False
             for thread in threads:

@@ -7,6 +7,8 @@ of a game that raises.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from PIL import Image
@@ -106,6 +108,20 @@ def test_weight_load_changes_greedy_outputs_and_the_originals_restore_them(actor
     assert actor.load_weights(original.items(), version=2)
     assert greedy(engine, prompts) == before
     assert actor.get_policy_version() == 2
+
+
+def test_a_paused_engine_holds_submitted_requests_until_resumed(actor):
+    engine = actor.engine
+    engine.pause("keep")
+    try:
+        future = engine.submit(prompts_of(engine, seeds=[1])[0], engine.sampling_params(2, 1.0, 1.0, max_tokens=8))
+        time.sleep(1.0)
+        assert not future.done()  # queued, not scheduled, while paused
+    finally:
+        engine.resume()
+    output = future.result(timeout=60)
+    assert output.finished and len(output.outputs) == 2  # one final output with all n samples
+    assert all(1 <= len(c.token_ids) == len(c.logprobs.logprobs) <= 8 for c in output.outputs)
 
 
 def test_stale_weight_push_is_skipped(actor, hf_model):
