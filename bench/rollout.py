@@ -13,6 +13,9 @@ and the same number of requests in flight, refilled as they finish, and nothing 
 - actor_tokens_per_s: response tokens / wall time from the stream's start to its end;
 - vllm_tokens_per_s: response tokens / wall time of the plain run;
 - ratio: the median of the repetitions' actor/plain ratios (the issue's target: >= 0.97 for every game);
+- busy_ratio: the same with the actor's tokens over the time its engine had requests (`RoundStats.generation_s`):
+  without the stream's start (the first states are prepared before anything can be submitted) and its end (the
+  last groups scored and pushed), which a long stream pays once;
 - engine_idle_share: share of the stream's wall time the engine had no request (median).
 
 Every run starts with the engine's prefix, encoder and image caches emptied, and the first repetition is a warm-up.
@@ -56,7 +59,7 @@ def forget(actor: RolloutActor) -> None:
 
 
 def stream_run(actor: RolloutActor, buffer, states: int, in_flight: int) -> tuple[list[TrajectoryGroup], float, float]:
-    """Streams until `states` groups reached the buffer: (the groups, wall seconds, engine idle share)."""
+    """Streams until `states` groups reached the buffer: (the groups, wall seconds, engine busy seconds)."""
     forget(actor)
     actor.drain_stats()
     result = {}
@@ -70,7 +73,7 @@ def stream_run(actor: RolloutActor, buffer, states: int, in_flight: int) -> tupl
     seconds = time.perf_counter() - begin
     stats = actor.drain_stats()
     items = ray.get(buffer.get.remote(result["summary"].num_accepted, timeout_s=10.0))
-    return ray.get([item.ref for item in items]), seconds, 1.0 - stats.generation_s / seconds
+    return ray.get([item.ref for item in items]), seconds, stats.generation_s
 
 
 def plain_run(actor: RolloutActor, groups: list[TrajectoryGroup], in_flight: int) -> tuple[int, float]:
@@ -126,9 +129,10 @@ def main() -> None:
     print(f"game {args.game}: {args.states} states x G={args.group_size}, {args.in_flight} in flight, "
           f"{args.max_new_tokens} new tokens max")  # fmt: skip
 
-    ratios, actor_rates, plain_rates, idle = [], [], [], []
+    ratios, busy_ratios, actor_rates, plain_rates, idle = [], [], [], [], []
     for rep in range(args.reps + 1):
-        groups, actor_s, idle_share = stream_run(actor, buffer, args.states, args.in_flight)
+        groups, actor_s, busy_s = stream_run(actor, buffer, args.states, args.in_flight)
+        idle_share = 1.0 - busy_s / actor_s
         actor_tokens = sum(len(ids) for g in groups for ids in g.response_ids)
         plain_tokens, plain_s = plain_run(actor, groups, args.in_flight)
         actor_rate, plain_rate = actor_tokens / actor_s, plain_tokens / plain_s
@@ -136,10 +140,11 @@ def main() -> None:
             f"rep {rep}{' (warm-up)' if rep == 0 else ''}: actor {len(groups)} groups, {actor_tokens} tok in "
             f"{actor_s:.3f} s = {actor_rate:.0f} tok/s (engine idle {idle_share:.3f}); "
             f"plain AsyncLLM {plain_tokens} tok in {plain_s:.3f} s = {plain_rate:.0f} tok/s; "
-            f"ratio {actor_rate / plain_rate:.3f}"
+            f"ratio {actor_rate / plain_rate:.3f}, busy ratio {actor_tokens / busy_s / plain_rate:.3f}"
         )
         if rep > 0:
             ratios.append(actor_rate / plain_rate)
+            busy_ratios.append(actor_tokens / busy_s / plain_rate)
             actor_rates.append(actor_rate)
             plain_rates.append(plain_rate)
             idle.append(idle_share)
@@ -151,6 +156,7 @@ def main() -> None:
     print(
         f"rollout: game={args.game} actor_tokens_per_s={np.median(actor_rates):.0f} "
         f"vllm_tokens_per_s={np.median(plain_rates):.0f} ratio={np.median(ratios):.3f} "
+        f"busy_ratio={np.median(busy_ratios):.3f} "
         f"engine_idle_share={np.median(idle):.3f}"
     )
 
