@@ -276,7 +276,7 @@ def resolve(cfg: DictConfig | Mapping[str, Any]) -> TrainConfig:
         grpo=_build(GRPOConfig, raw.get("grpo"), "grpo"),
         weight_sync=_build(WeightSyncConfig, raw.get("weight_sync"), "weight_sync"),
         checkpoint=_build(CheckpointConfig, raw.get("checkpoint"), "checkpoint"),
-        buffer=_build(BufferConfig, _buffer_section(raw, actors, trainer.groups_per_step), "buffer"),
+        buffer=_build(BufferConfig, _buffer_section(raw, actors, trainer), "buffer"),
         trainer=trainer,
         resources=_build(ResourcesConfig, raw.get("resources"), "resources"),
         cluster=_build(ClusterConfig, raw.get("cluster"), "cluster"),
@@ -285,12 +285,25 @@ def resolve(cfg: DictConfig | Mapping[str, Any]) -> TrainConfig:
     return config
 
 
-def _buffer_section(raw: dict[str, Any], actors: RolloutConfig, batch: int) -> dict[str, Any]:
-    """The buffer section, with `capacity: null` (the default) sized for a batch plus one round of every actor."""
+def _buffer_section(raw: dict[str, Any], actors: RolloutConfig, trainer: TrainerConfig) -> dict[str, Any]:
+    """The buffer section, with `capacity: null` (the default) sized for the mode: a batch plus one round of every
+    actor in sync mode; one batch in async mode, where what the buffer holds waits, growing staler (`stream_slots`)."""
     section = dict(raw.get("buffer") or {})
     if section.get("capacity") is None:
-        section["capacity"] = batch + actors.num * actors.states_per_round
+        batch = trainer.groups_per_step
+        section["capacity"] = batch + actors.num * actors.states_per_round if trainer.mode == "sync" else batch
     return section
+
+
+def stream_slots(config: TrainConfig) -> int:
+    """Async mode: the states each actor may have in flight (`RolloutActor.stream(max_states_in_flight)`).
+
+    A group's wait from its submission to its batch is what is ahead of it, the buffer's capacity C and the states in
+    flight S, taken B = trainer.groups_per_step per step (one version each at most): it is at most m =
+    buffer.max_staleness versions old when taken if C + S <= (m + 1) B. S is what is left of that, over the actors.
+    """
+    batch, capacity = config.trainer.groups_per_step, config.buffer.capacity
+    return ((config.buffer.max_staleness + 1) * batch - capacity) // config.actors.num
 
 
 def _check_across(config: TrainConfig) -> None:
@@ -309,12 +322,10 @@ def _check_across(config: TrainConfig) -> None:
         f"at most the responses per learner rank per step ({samples_per_rank})",
         config.grpo.num_minibatches,
     )
-    # Sync mode asks for what the batch still needs; async keeps a round in flight while a batch waits.
-    need = batch if config.trainer.mode == "sync" else batch + config.actors.states_per_round
     _require(
-        config.buffer.capacity >= need,
+        config.buffer.capacity >= batch,
         "buffer.capacity",
-        f">= {need} (trainer.groups_per_step plus the rounds in flight), or null to size it so",
+        f">= {batch} (trainer.groups_per_step), or null to size it",
         config.buffer.capacity,
     )
     # Versions count learner steps; engines take a new one every weight_sync.every_steps = k steps. Async: the round
@@ -324,9 +335,19 @@ def _check_across(config: TrainConfig) -> None:
     _require(
         config.trainer.mode == "sync" or staleness >= every,
         "buffer.max_staleness",
-        f">= weight_sync.every_steps = {every} with trainer.mode=async (the round a broadcast waits for was made "
-        f"{every} version(s) before it; a lower bound drops it)",
+        f">= weight_sync.every_steps = {every} with trainer.mode=async (a group started just before a broadcast is "
+        f"{every} version(s) old at the next one; a lower bound drops it)",
         staleness,
+    )
+    # Async: the buffer and the states in flight must be taken within max_staleness versions (stream_slots).
+    most = (staleness + 1) * batch - config.actors.num
+    _require(
+        config.trainer.mode == "sync" or config.buffer.capacity <= most,
+        "buffer.capacity",
+        f"<= {most} with trainer.mode=async, buffer.max_staleness={staleness} and actors.num={config.actors.num} "
+        "(what the buffer holds waits; with a state in flight per actor it must be trained within max_staleness "
+        "versions), or null (one batch)",
+        config.buffer.capacity,
     )
 
 

@@ -56,7 +56,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from launch.cluster import RolloutFleet
-from launch.config import TrainConfig
+from launch.config import TrainConfig, stream_slots
 from launch.monitor import fleet_metrics, reduce_rounds
 from learner import WeightSyncError
 from replay.buffer import BufferStats
@@ -258,8 +258,9 @@ class RolloutDriver:
         }
 
     def stop(self) -> None:
-        """Ends generation (end of run or error): rounds in flight are dropped, streams stopped and their last stats
-        collected (so that `ledger` covers every group they made)."""
+        """Ends generation (end of run or error): rounds in flight are dropped; streams are stopped, the buffer is
+        closed (a producer waiting for room drops its groups as "closed" instead of waiting for ever), and their last
+        stats collected (so that `ledger` covers every group they made)."""
         for ref in list(self.in_flight):
             ray.cancel(ref, force=False)
         self.in_flight.clear()
@@ -267,6 +268,7 @@ class RolloutDriver:
             return
         for index in self.streams:
             self.fleet.actors[index].stop_stream.remote()
+        self.buffer.close.remote()
         refs = list(self.streams.values())
         ray.wait(refs, num_returns=len(refs), timeout=STOP_TIMEOUT_S)
         self.streams.clear()
@@ -286,21 +288,26 @@ class RolloutDriver:
         """Async mode: a `stream` on every actor that has none (at the start, and after a restart)."""
         for index, actor in enumerate(self.fleet.actors):
             if index not in self.streams:
-                self.streams[index] = actor.stream.remote()
+                self.streams[index] = actor.stream.remote(stream_slots(self.config))
 
     def _stream_ended(self, ref: ray.ObjectRef) -> None:
-        """A stream returned before `stop`: its actor died (restart found), or its call raised (re-raised)."""
+        """A stream returned before `stop`: its actor died (restart found), the buffer died under its put (its
+        unpushed groups lost; the stream starts again), or its call raised (the run stops)."""
         index = next(i for i, r in self.streams.items() if r == ref)
+        name = self.fleet.names[index]
         del self.streams[index]
         try:
-            ray.get(ref)
+            summary = ray.get(ref)
         except RayTaskError as e:
             raise self._call_failed(index, e) from e
         except RayActorError as e:
-            logger.warning("%s died while streaming (%s); Ray restarts it", self.fleet.names[index], type(e).__name__)
+            logger.warning("%s died while streaming (%s); Ray restarts it", name, type(e).__name__)
             self._restart_found(index, interrupted=0)  # its states in flight were never groups
             return
-        raise RuntimeError(f"{self.fleet.names[index]}'s stream ended before it was stopped")
+        if summary.ended_by != "buffer_dead":
+            raise RuntimeError(f"{name}'s stream ended before it was stopped ({summary.ended_by})")
+        logger.warning("the replay buffer died under %s's put: %d groups lost", name, summary.num_unpushed)
+        self.lost_groups += summary.num_unpushed
 
     def _drain(self) -> None:
         """Async mode: every live actor's stats since its last report (into `finished`)."""

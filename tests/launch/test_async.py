@@ -1,15 +1,19 @@
 """The driver's faults and accounting on real Ray actors, the tiny model and real games.
 
 - the replay buffer actor killed (Ray restarts it, empty): the rollout actors and the driver carry on, its death is not
-  taken for a rollout actor's, and the groups it held are counted lost once.
+  taken for a rollout actor's, and the groups it held are counted lost once;
+- an async run with two streaming actors conserves groups: every group made is trained, dropped (counted), lost
+  (counted) or still held at the end.
 """
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
-from test_train import SMALL
+from test_train import SMALL, run_train
+from train_runs import tensorboard_scalars
 
 from launch import cluster
 from launch.rollouts import RolloutDriver
@@ -60,3 +64,20 @@ def test_a_killed_buffer_restarts_empty_and_only_its_groups_are_lost(ray_local, 
     }
     driver.buffer_stats()
     assert driver.counters()["faults/lost_groups"] == 2.0
+
+
+def test_async_run_with_two_streaming_actors_conserves_groups(ray_cluster, tmp_path):
+    cluster_ = ray_cluster(num_cpus=4)
+    out = tmp_path / "run"
+    steps = 3
+    args = [*SMALL, "actors.num=2", "trainer.mode=async", "buffer.max_staleness=1", f"trainer.total_steps={steps}"]
+    run = run_train([*args, f"output_dir={out}"], env=cluster_.env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    ledger = dict(re.findall(r"(made|taken|dropped|lost|held)=(\d+)", run.stdout.split("groups:")[-1]))
+    made, taken, dropped, lost, held = (int(ledger[key]) for key in ("made", "taken", "dropped", "lost", "held"))
+    assert taken == steps * 4 and lost == 0
+    assert made == taken + dropped + held, ledger  # nothing made went unaccounted
+    scalars = tensorboard_scalars(out / "tensorboard")
+    assert [step for step, _ in scalars["reward/total"]] == list(range(1, steps + 1))
+    assert all(0 <= value <= 1 for _, value in scalars["buffer/staleness"])  # max_staleness bounds every batch

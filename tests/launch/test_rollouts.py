@@ -28,6 +28,10 @@ from replay.buffer import DROP_REASONS
         ),
         (["trainer.mode=async", "buffer.max_staleness=0"], ["buffer.max_staleness", ">= weight_sync.every_steps = 1"]),
         (["trainer.groups_per_step=8", "buffer.capacity=7"], ["buffer.capacity", ">= 8", "got 7"]),
+        (
+            ["trainer.mode=async", "buffer.max_staleness=1", "trainer.groups_per_step=8", "buffer.capacity=16"],
+            ["buffer.capacity", "<= 15", "buffer.max_staleness=1", "got 16"],
+        ),
     ],
 )
 def test_schedules_that_would_drop_what_they_wait_for_are_refused(overrides, names):
