@@ -398,8 +398,7 @@ class RolloutActor:
         state, completions = item.state, output.outputs
         texts = self.engine.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         try:
-            with self._pool_lock:
-                rewards = self.pool.score(state, texts)
+            rewards = self.pool.score(state, texts)  # clones of the state: no pool lock needed
         except Exception:
             logger.exception("%s: scoring state %s failed; skipping it", self.name, state.state_id)
             return None

@@ -112,10 +112,14 @@ def test_weight_load_changes_greedy_outputs_and_the_originals_restore_them(actor
 
 def test_a_paused_engine_holds_submitted_requests_until_resumed(actor):
     engine = actor.engine
+    prompt, params = prompts_of(engine, seeds=[1])[0], engine.sampling_params(2, 1.0, 1.0, max_tokens=8)
+    begin = time.perf_counter()
+    engine.submit(prompt, params).result(timeout=60)
+    took = time.perf_counter() - begin  # the same request, not paused
     engine.pause("keep")
     try:
-        future = engine.submit(prompts_of(engine, seeds=[1])[0], engine.sampling_params(2, 1.0, 1.0, max_tokens=8))
-        time.sleep(1.0)
+        future = engine.submit(prompt, params)
+        time.sleep(3 * took + 0.5)
         assert not future.done()  # queued, not scheduled, while paused
     finally:
         engine.resume()
