@@ -32,8 +32,9 @@ class RolloutConfig:
         num: rollout actors (each with its own game pool and vLLM engine).
         tp: tensor-parallel GPUs per engine (1 on CPU).
         group_size: G, responses sampled per state (GRPO's group).
-        states_per_round: states each actor prepares per generation round (one `generate` call of
-            states_per_round x G samples).
+        states_per_round: the most states of one actor's round in sync mode (states_per_round x G samples in the
+            engine at once), and an actor's states in flight when it streams on its own (`RolloutActor.stream`;
+            in a training run's async mode the driver sets those from the staleness bound, launch.config.stream_slots).
         temperature: sampling temperature (1.0 keeps the sampler's log-probs those of the policy).
         top_p: nucleus sampling mass; only 1.0 (no nucleus) is accepted, as the learner does not renormalise.
         max_new_tokens: response length cap; longer responses are cut (and marked unfinished).
