@@ -298,12 +298,13 @@ def _buffer_section(raw: dict[str, Any], actors: RolloutConfig, trainer: Trainer
 def stream_slots(config: TrainConfig) -> int:
     """Async mode: the states each actor may have in flight (`RolloutActor.stream(max_states_in_flight)`).
 
-    A group's wait from its submission to its batch is what is ahead of it, the buffer's capacity C and the states in
-    flight S, taken B = trainer.groups_per_step per step (one version each at most): it is at most m =
-    buffer.max_staleness versions old when taken if C + S <= (m + 1) B. S is what is left of that, over the actors.
+    A state submitted under version v waits behind what is ahead of it, at most the buffer's capacity C and the other
+    states in flight S, taken B = trainer.groups_per_step per step: with C + S <= m B it is in one of the next m
+    batches. Each batch before it, and the one the learner was training on when it was submitted, adds one version at
+    most, so it is at most m = buffer.max_staleness versions old when taken. S is what is left of m B, over the actors.
     """
     batch, capacity = config.trainer.groups_per_step, config.buffer.capacity
-    return ((config.buffer.max_staleness + 1) * batch - capacity) // config.actors.num
+    return (config.buffer.max_staleness * batch - capacity) // config.actors.num
 
 
 def _check_across(config: TrainConfig) -> None:
@@ -340,13 +341,13 @@ def _check_across(config: TrainConfig) -> None:
         staleness,
     )
     # Async: the buffer and the states in flight must be taken within max_staleness versions (stream_slots).
-    most = (staleness + 1) * batch - config.actors.num
+    most = staleness * batch - config.actors.num
     _require(
         config.trainer.mode == "sync" or config.buffer.capacity <= most,
         "buffer.capacity",
         f"<= {most} with trainer.mode=async, buffer.max_staleness={staleness} and actors.num={config.actors.num} "
         "(what the buffer holds waits; with a state in flight per actor it must be trained within max_staleness "
-        "versions), or null (one batch)",
+        "versions), or null (one batch, which needs buffer.max_staleness >= 2)",
         config.buffer.capacity,
     )
 

@@ -70,7 +70,7 @@ def test_async_run_with_two_streaming_actors_conserves_groups(ray_cluster, tmp_p
     cluster_ = ray_cluster(num_cpus=4)
     out = tmp_path / "run"
     steps = 3
-    args = [*SMALL, "actors.num=2", "trainer.mode=async", "buffer.max_staleness=1", f"trainer.total_steps={steps}"]
+    args = [*SMALL, "actors.num=2", "trainer.mode=async", "buffer.max_staleness=2", f"trainer.total_steps={steps}"]
     run = run_train([*args, f"output_dir={out}"], env=cluster_.env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
@@ -80,4 +80,4 @@ def test_async_run_with_two_streaming_actors_conserves_groups(ray_cluster, tmp_p
     assert made == taken + dropped + held, ledger  # nothing made went unaccounted
     scalars = tensorboard_scalars(out / "tensorboard")
     assert [step for step, _ in scalars["reward/total"]] == list(range(1, steps + 1))
-    assert all(0 <= value <= 1 for _, value in scalars["buffer/staleness"])  # max_staleness bounds every batch
+    assert all(0 <= value <= 2 for _, value in scalars["buffer/staleness"])  # max_staleness bounds every batch

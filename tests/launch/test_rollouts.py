@@ -30,7 +30,7 @@ from replay.buffer import DROP_REASONS
         (["trainer.groups_per_step=8", "buffer.capacity=7"], ["buffer.capacity", ">= 8", "got 7"]),
         (
             ["trainer.mode=async", "buffer.max_staleness=1", "trainer.groups_per_step=8", "buffer.capacity=16"],
-            ["buffer.capacity", "<= 15", "buffer.max_staleness=1", "got 16"],
+            ["buffer.capacity", "<= 7", "buffer.max_staleness=1", "got 16"],
         ),
     ],
 )
