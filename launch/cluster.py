@@ -28,8 +28,9 @@ from replay.buffer import ReplayBuffer
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "vlm-gym-rl"  # actors are named (rollout-<i>, replay-buffer) in this namespace: `ray.get_actor(name)`
-# Environment of every actor: vLLM in one process per actor (the fast mode on few cores, see
-# ../shared/docs/cpu-stack.md). OMP_NUM_THREADS is left to Ray, which sets it to each actor's num_cpus.
+# Environment of every actor on CPU: vLLM's AsyncLLM always runs its engine core in a process of its own; with
+# multiprocessing off, the model worker stays inside that process (two processes per engine, not three).
+# OMP_NUM_THREADS is left to Ray, which sets it to each actor's num_cpus.
 CPU_ACTOR_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -136,8 +137,9 @@ class RolloutFleet:
 def start_rollouts(config: TrainConfig, model: ModelSource, buffer: Any, gpu: bool) -> RolloutFleet:
     """Places actors.num rollout actors, each with its own game pool and vLLM engine (actors.tp GPUs).
 
-    On GPU an engine runs its core in a process of its own (vLLM's multiprocessing), beside the actor's threads that
-    prepare states and score responses; on CPU it stays in the actor's process (CPU_ACTOR_ENV).
+    An engine runs its core in a process of its own (AsyncLLM), beside the actor's threads that prepare states and
+    score responses; on GPU its workers are processes of their own too (vLLM's multiprocessing), on CPU the worker
+    stays in the engine-core process (CPU_ACTOR_ENV).
     """
     n, tp = config.actors.num, config.actors.tp
     cpus = config.resources.cpus_per_actor(gpu)

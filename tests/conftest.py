@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 CPU_TEST_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in the test process: 3-4 s to build instead of ~25 s
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the model worker inside AsyncLLM's engine-core process (no third one)
     "OMP_NUM_THREADS": "1",
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB, for engines built directly with vllm.LLM (VLLMEngine sizes its own)
     "HF_HUB_OFFLINE": "1",
