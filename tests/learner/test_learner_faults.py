@@ -30,13 +30,21 @@ def _pid(learner) -> int:
     return os.getpid()
 
 
-def _all_dead(group_actors: list) -> bool:
+def _all_dead(group_actors: list, within_s: float = 60) -> bool:
+    """Whether every actor is dead within `within_s`. `ray.kill` is asynchronous: a call sent just after it can still
+    reach the process before it ends (seen once in CI), so a live answer means "not yet", not "never"."""
+    deadline = time.monotonic() + within_s
     for actor in group_actors:
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=30)
-            return False
-        except ray.exceptions.RayActorError:
-            continue
+        while True:
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=10)
+            except ray.exceptions.RayActorError:
+                break
+            except ray.exceptions.GetTimeoutError:
+                pass
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
     return True
 
 
