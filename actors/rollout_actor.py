@@ -8,15 +8,14 @@ One round (`run_round`, sync mode: exactly on-policy):
     -> every response scored on its own clone of its state (pool.score -> envs.score)
     -> one TrajectoryGroup per state, stamped with the policy version -> ray.put + buffer.put (or returned)
 
-A stream (`stream`, async mode), until `stop_stream`:
-    preparer thread: pool.sample + chat prompt + engine input, one state at a time, into a bounded queue
-    this thread:     a state goes to the engine (n = G samples) whenever one of `max_states_in_flight` slots is free
-    pusher thread:   finished requests -> scored on clones -> TrajectoryGroups -> ONE buffer.put_many per batch;
-                     at most 2 x max_states_in_flight states are submitted and not yet pushed, so a full buffer
-                     stalls generation (bounded memory)
-Weights arrive while streaming (`receive_weights`, `load_weights`): the engine pauses its requests in flight (vLLM's
-"keep"), loads, and resumes them with the new weights; each response records the versions it spans
-(`TrajectoryGroup.response_versions`), its group the oldest.
+A stream (`stream`, async mode), until `stop_stream`: the same steps, continuously, in threads that overlap game
+stepping, decoding and pushing (actors/stream.py); ONE buffer.put_many per batch of finished groups, and a full buffer
+stalls generation.
+
+Weights arrive while generating (`receive_weights`, `load_weights`): the engine pauses its requests in flight (vLLM's
+"keep"), loads, labels the new weights with their version, and resumes the requests on them. vLLM labels every
+sampled token with the weights' version, so each response records the versions of its first and last tokens
+(`TrajectoryGroup.response_versions`) and its group the oldest, whenever its output is read.
 
 A plain class: launch/cluster.py applies `ray.remote` (with max_concurrency, so `stop_stream`, `drain_stats` and weight
 updates run while `stream` does) and tests build it directly or remotely. An error in one game (sampling or scoring a
@@ -28,12 +27,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -43,15 +40,13 @@ import torch
 from actors.config import RolloutConfig
 from actors.models import ModelSource
 from actors.prompts import chat_prompt, engine_input
+from actors.stream import EngineClock, StreamRun, StreamSummary
 from actors.vllm_engine import VLLMEngine
 from envs import GamePool, PoolConfig, PooledState
 from replay.buffer import REWARD_PARTS
 from replay.trajectory import TrajectoryGroup
 
 logger = logging.getLogger(__name__)
-
-POLL_S = 0.05  # how often a stream's waiting threads look at the stop flag
-PREPARE_FAILURES_IN_A_ROW = 32  # a stream ends with an error after this many states in a row failed to prepare
 
 
 @dataclass(frozen=True)
@@ -132,23 +127,6 @@ def _retain_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 512 << 20)
 
 
-@dataclass(frozen=True)
-class StreamSummary:
-    """How one `stream` call ended. Every state submitted is accounted for:
-    `num_submitted == num_groups + num_skipped + num_aborted`, and `num_groups == num_pushed + num_unpushed`."""
-
-    ended_by: str  # "stop" (stop_stream), "buffer_closed" or "buffer_dead"
-    num_submitted: int  # states given to the engine
-    num_groups: int  # trajectory groups made from them
-    num_skipped: int  # submitted states whose scoring raised
-    num_aborted: int  # requests aborted in flight (only when the buffer ended the stream)
-    num_pushed: int  # groups offered to the buffer (put_many calls that returned)
-    num_unpushed: int  # groups made but not offered (the buffer was closed or dead)
-    num_accepted: int  # groups the buffer stored
-    num_unprepared: int  # states whose preparation raised (never submitted)
-    stream_s: float
-
-
 @dataclass
 class _Tally:
     """Running sums over the groups of a round, or of a stream since the last `drain_stats` (no groups kept)."""
@@ -180,6 +158,13 @@ class _Tally:
             sums[part] += sum(getattr(r, part) for r in group.rewards)
         self.responses_by_game[group.game] = self.responses_by_game.get(group.game, 0) + group.group_size
 
+    def take(self, now: float) -> _Tally:
+        """The sums so far; this tally starts again at `now`. A stream's tally stays the same object, so a thread
+        may hold it across a `drain_stats`."""
+        taken = replace(self)  # shares the dicts, which the reset below replaces
+        vars(self).update(vars(_Tally(start=now)))
+        return taken
+
     def stats(self, version: int, incarnation: str, end: float) -> RoundStats:
         def means(games: list[str]) -> dict[str, float]:
             count = sum(self.responses_by_game[g] for g in games)
@@ -207,6 +192,17 @@ class _Tally:
             reward_mean_by_game={game: means([game]) for game in sorted(self.reward_sums)},
             num_submitted=self.num_submitted,
         )
+
+
+def _sampled_by(completion: Any) -> tuple[int, int]:
+    """(first, last): the policy versions that sampled a completion's first and last tokens.
+
+    vLLM's engine core labels each step's tokens with the weights' version (`VLLMEngine.set_policy_version`, set
+    while paused), so this is exact however late the output is read: a response that finished just before a pause
+    keeps the old version, and one submitted before it but scheduled after starts on the new.
+    """
+    spans = completion.weight_versions
+    return int(spans[0].version), int(spans[-1].version)
 
 
 @dataclass
@@ -258,11 +254,11 @@ class RolloutActor:
         # Held while weights change: no request is submitted between a pause and its resume, so every request's
         # first version (and the engine's prompt salt) is that of the weights it starts on.
         self._weights_lock = threading.Lock()
-        self._stats_lock = threading.Lock()
+        self._stats_lock = threading.Lock()  # guards every tally update and the engine clock
+        # Set by stop_stream and cleared when a stream ends: a stop sent before its stream started is not lost.
         self._stop = threading.Event()
         self._tally = _Tally(start=time.perf_counter())  # the stream's since the last drain_stats
-        self._engine_busy_since: float | None = None  # the stream's engine has had requests in flight since then
-        self._in_engine = 0  # the stream's requests in the engine
+        self._clock = EngineClock()  # the stream's engine-busy time
         self._random_steps_seen = self.pool.random_steps  # the pool's count at the last drain_stats
 
     # ---- weights ----------------------------------------------------------------------------------------------------
@@ -280,7 +276,7 @@ class RolloutActor:
             return False
         with self._paused():
             self.engine.load_weights(weights)
-            self.engine.policy_version = version
+            self.engine.set_policy_version(version)
         return True
 
     def join_weight_sync(self, info: Any, rank_offset: int) -> None:
@@ -334,19 +330,15 @@ class RolloutActor:
         tally.env_s += generating - tally.start
 
         outputs = self.engine.generate([p.engine_input for p in prepared], self._params)
-        version_after = self.engine.policy_version  # differs only if weights came in mid-round (sync mode: never)
         scoring = time.perf_counter()
         tally.generation_s = scoring - generating
 
-        groups, tally.env_steps = [], self.pool.random_steps - random_steps
-        for index, (item, output) in enumerate(zip(prepared, outputs, strict=True)):
-            group = self._score(item, output, (version, version_after), f"{self.name}-{self.rounds}-{index}")
-            if group is None:
-                tally.num_skipped += 1
-                continue
-            groups.append(group)
-            tally.add(group)
-            tally.env_steps += group.group_size + self._advance(item.state, group.response_texts[0])
+        tally.env_steps = self.pool.random_steps - random_steps
+        scored = (
+            self._score_into(tally, item, output, f"{self.name}-{self.rounds}-{index}")
+            for index, (item, output) in enumerate(zip(prepared, outputs, strict=True))
+        )
+        groups = [group for group in scored if group is not None]
         tally.num_submitted = len(prepared)
         pushing = time.perf_counter()
         tally.env_s += pushing - scoring
@@ -389,12 +381,25 @@ class RolloutActor:
             text = self._prompt_texts[instructions] = chat_prompt(self.engine.tokenizer, instructions)
         return text
 
-    def _score(self, item: _Prepared, output: Any, versions: tuple[int, int], state_id: str) -> TrajectoryGroup | None:
-        """The state's trajectory group (each response scored on its own clone), or None when its game raised.
+    def _score_into(self, tally: _Tally, item: _Prepared, output: Any, state_id: str) -> TrajectoryGroup | None:
+        """Scores a finished request (a round's or a stream's) into its trajectory group and counts it in `tally`:
+        the group, its responses' game steps and a continued episode's move; or a skip when its game raised.
 
-        Args:
-            versions: the policy versions (first, last) the responses were generated under.
+        Returns:
+            The group, or None when skipped.
         """
+        group = self._score(item, output, state_id)
+        steps = 0 if group is None else group.group_size + self._advance(item.state, group.response_texts[0])
+        with self._stats_lock:  # a stream's tally is read by drain_stats meanwhile
+            if group is None:
+                tally.num_skipped += 1
+            else:
+                tally.add(group)
+                tally.env_steps += steps
+        return group
+
+    def _score(self, item: _Prepared, output: Any, state_id: str) -> TrajectoryGroup | None:
+        """The state's trajectory group (each response scored on its own clone), or None when its game raised."""
         state, completions = item.state, output.outputs
         texts = self.engine.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         try:
@@ -402,6 +407,7 @@ class RolloutActor:
         except Exception:
             logger.exception("%s: scoring state %s failed; skipping it", self.name, state.state_id)
             return None
+        versions = [_sampled_by(c) for c in completions]
         return TrajectoryGroup(
             game=state.game_name,
             state_id=state_id,
@@ -412,10 +418,10 @@ class RolloutActor:
             response_logprobs=[list(c.logprobs.logprobs) for c in completions],
             response_texts=texts,
             rewards=rewards,
-            policy_version=versions[0],
+            policy_version=min(first for first, _ in versions),
             text_observation=state.text_observation,
             finished=[c.finish_reason == "stop" for c in completions],
-            response_versions=[versions] * len(completions),
+            response_versions=versions,
         )
 
     def _advance(self, state: PooledState, response: str) -> int:
@@ -471,257 +477,34 @@ class RolloutActor:
             raise ValueError(f"{self.name}: stream needs a buffer (RolloutActor(buffer=...))")
         if slots < 1:
             raise ValueError(f"stream: max_states_in_flight must be >= 1; got {slots}")
-        self._stop.clear()
         with self._pool_lock:  # the steps of rounds before this stream were counted by their rounds
             self._random_steps_seen = self.pool.random_steps
-        run = _StreamRun(self, slots)
+        run = StreamRun(self, slots)
         self.streams += 1
-        run.go()
+        try:
+            run.go()
+        finally:
+            self._stop.clear()  # the stop this stream ended on (or one sent before it started) is used up
         return run.summary()
 
     def stop_stream(self) -> None:
-        """Asks a running `stream` to end: no new requests; those in flight finish and are pushed first."""
+        """Asks `stream` to end: no new requests; those in flight finish and are pushed first.
+
+        The request holds until a stream ends: a threaded actor may run this call before a `stream` sent earlier has
+        started, and that stream then ends at once instead of running on unstopped.
+        """
         self._stop.set()
 
     def drain_stats(self) -> RoundStats | None:
         """The stats of everything streamed since the last call (None when no state finished since)."""
         with self._stats_lock:
-            tally = self._tally
-            if tally.num_groups + tally.num_skipped == 0:
+            if self._tally.num_groups + self._tally.num_skipped == 0:
                 return None
             now = time.perf_counter()
-            self._count_busy(now)
-            self._tally = _Tally(start=now)
+            self._tally.generation_s += self._clock.lap(now)
+            tally = self._tally.take(now)
         with self._pool_lock:  # the random steps after resets, taken by the preparer
             random_steps = self.pool.random_steps
         tally.env_steps += random_steps - self._random_steps_seen
         self._random_steps_seen = random_steps
         return tally.stats(self.engine.policy_version, self.incarnation, now)
-
-    def _count_busy(self, now: float) -> None:
-        """Adds the engine's busy time up to `now` to the tally (under _stats_lock)."""
-        if self._engine_busy_since is not None:
-            self._tally.generation_s += now - self._engine_busy_since
-            self._engine_busy_since = now
-
-    def _entered_engine(self) -> None:
-        with self._stats_lock:
-            if self._in_engine == 0:
-                self._engine_busy_since = time.perf_counter()
-            self._in_engine += 1
-            self._tally.num_submitted += 1
-
-    def _left_engine(self) -> None:
-        with self._stats_lock:
-            self._in_engine -= 1
-            if self._in_engine == 0:
-                self._count_busy(time.perf_counter())
-                self._engine_busy_since = None
-
-
-class _StreamRun:
-    """One `RolloutActor.stream` call: its preparer and pusher threads, its queues and its counts.
-
-    An engine slot is taken before a state is submitted and given back when its request ends; a backlog slot (twice
-    as many) is taken with it and given back once its group was pushed (or it was skipped or aborted). The engine
-    is refilled while earlier groups are scored and pushed, and a buffer that takes nothing stops submissions.
-    """
-
-    def __init__(self, actor: RolloutActor, slots: int) -> None:
-        self.actor = actor
-        self.engine_slots = threading.Semaphore(slots)
-        self.backlog = threading.Semaphore(2 * slots)
-        self.ready: queue.Queue[_Prepared] = queue.Queue(maxsize=slots)  # states prepared ahead
-        self.finished: queue.Queue[tuple[_Prepared, int, int, Future]] = queue.Queue()  # (item, first, last, output)
-        self.start = time.perf_counter()
-        self.lock = threading.Lock()
-        self.in_flight: set[Future] = set()
-        self.submitting = True
-        self.buffer_gone = threading.Event()  # closed or dead: abort, push nothing more
-        self.ended_by = "stop"
-        self.error: BaseException | None = None  # raised by `go` once every thread has ended
-        self.counts = dict.fromkeys(
-            ("submitted", "groups", "skipped", "aborted", "pushed", "unpushed", "accepted", "unprepared", "done"), 0
-        )
-
-    def go(self) -> None:
-        threads = [
-            threading.Thread(target=self._prepare_loop, name=f"{self.actor.name}-prepare", daemon=True),
-            threading.Thread(target=self._push_loop, name=f"{self.actor.name}-push", daemon=True),
-        ]
-        for thread in threads:
-            thread.start()
-        try:
-            self._submit_loop()
-        finally:
-            self.actor._stop.set()  # ends the preparer (also when a submission raised)
-            with self.lock:
-                self.submitting = False
-            for thread in threads:
-                thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def summary(self) -> StreamSummary:
-        c = self.counts
-        return StreamSummary(
-            ended_by=self.ended_by,
-            num_submitted=c["submitted"],
-            num_groups=c["groups"],
-            num_skipped=c["skipped"],
-            num_aborted=c["aborted"],
-            num_pushed=c["pushed"],
-            num_unpushed=c["unpushed"],
-            num_accepted=c["accepted"],
-            num_unprepared=c["unprepared"],
-            stream_s=time.perf_counter() - self.start,
-        )
-
-    def _fail(self, error: BaseException) -> None:
-        self.error = self.error or error
-        self.actor._stop.set()
-
-    # ---- this thread: submissions -------------------------------------------------------------------------------
-    def _submit_loop(self) -> None:
-        actor = self.actor
-        while self._acquire(self.backlog):
-            if not self._acquire(self.engine_slots):
-                break
-            item = self._next_ready()
-            if item is None:
-                break
-            with actor._weights_lock:
-                first = actor.engine.policy_version
-                future = actor.engine.submit(item.engine_input, actor._params)
-            actor._entered_engine()
-            with self.lock:
-                self.counts["submitted"] += 1
-                self.in_flight.add(future)
-            future.add_done_callback(lambda done, item=item, first=first: self._on_done(item, first, done))
-        if self.buffer_gone.is_set() or self.error is not None:
-            with self.lock:
-                in_flight = list(self.in_flight)
-            for future in in_flight:
-                future.cancel()  # aborts the request in the engine
-
-    def _acquire(self, slots: threading.Semaphore) -> bool:
-        """Takes a slot; False when the stream is stopping instead."""
-        while not self.actor._stop.is_set():
-            if slots.acquire(timeout=POLL_S):
-                return True
-        return False
-
-    def _next_ready(self) -> _Prepared | None:
-        while not self.actor._stop.is_set():
-            try:
-                return self.ready.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-        return None
-
-    def _on_done(self, item: _Prepared, first: int, future: Future) -> None:
-        """On the engine's loop thread: the request ended (its last version is the engine's now)."""
-        self.actor._left_engine()
-        self.engine_slots.release()
-        with self.lock:
-            self.in_flight.discard(future)
-        self.finished.put((item, first, self.actor.engine.policy_version, future))
-
-    # ---- preparer thread ------------------------------------------------------------------------------------------
-    def _prepare_loop(self) -> None:
-        actor, stop, failures = self.actor, self.actor._stop, 0
-        while not stop.is_set():
-            begin = time.perf_counter()
-            item = actor._prepare_one()
-            with actor._stats_lock:
-                actor._tally.env_s += time.perf_counter() - begin
-                actor._tally.num_skipped += item is None
-            if item is None:
-                self.counts["unprepared"] += 1
-                failures += 1
-                if failures >= PREPARE_FAILURES_IN_A_ROW:
-                    self._fail(RuntimeError(f"{actor.name}: {failures} states in a row failed; see the logged errors"))
-                continue
-            failures = 0
-            while not stop.is_set():
-                try:
-                    self.ready.put(item, timeout=POLL_S)
-                    break
-                except queue.Full:
-                    continue
-
-    # ---- pusher thread --------------------------------------------------------------------------------------------
-    def _push_loop(self) -> None:
-        while (batch := self._take_batch()) is not None:
-            try:
-                self._push_batch(batch)
-            except BaseException as e:  # an engine or scoring bug: end the stream, raise it from `stream`
-                self._fail(e)
-            finally:
-                with self.lock:
-                    self.counts["done"] += len(batch)
-                for _ in batch:
-                    self.backlog.release()
-
-    def _take_batch(self) -> list[tuple[_Prepared, int, int, Future]] | None:
-        """The requests finished so far (at least one); None once submitting ended and every request was handled."""
-        while True:
-            try:
-                batch = [self.finished.get(timeout=POLL_S)]
-                break
-            except queue.Empty:
-                with self.lock:
-                    if not self.submitting and self.counts["done"] == self.counts["submitted"]:
-                        return None
-        while True:
-            try:
-                batch.append(self.finished.get_nowait())
-            except queue.Empty:
-                return batch
-
-    def _push_batch(self, batch: list[tuple[_Prepared, int, int, Future]]) -> None:
-        import ray
-
-        actor, groups = self.actor, []
-        scoring = time.perf_counter()
-        for item, first, last, future in batch:
-            if future.cancelled() or self.buffer_gone.is_set():
-                self.counts["aborted"] += 1
-                continue
-            output = future.result()  # an engine error ends the stream (raised from `stream`)
-            with self.lock:
-                serial = self.counts["groups"] + self.counts["skipped"]
-            group = actor._score(item, output, (first, last), f"{actor.name}-s{actor.streams}-{serial}")
-            if group is None:
-                self.counts["skipped"] += 1
-                with actor._stats_lock:
-                    actor._tally.num_skipped += 1
-                continue
-            steps = group.group_size + actor._advance(item.state, group.response_texts[0])
-            self.counts["groups"] += 1
-            groups.append(group)
-            with actor._stats_lock:
-                actor._tally.add(group)
-                actor._tally.env_steps += steps
-        pushing = time.perf_counter()
-        accepted = 0
-        try:
-            accepted = actor._push(groups)
-        except ray.exceptions.RayActorError:
-            logger.warning("%s: the buffer is dead; the stream ends", actor.name)
-            self._buffer_ended("buffer_dead")
-            self.counts["unpushed"] += len(groups)
-        else:
-            self.counts["pushed"] += len(groups)
-            self.counts["accepted"] += accepted
-            if accepted < len(groups) and ray.get(actor.buffer.stats.remote()).drops["closed"] > 0:
-                self._buffer_ended("buffer_closed")
-        with actor._stats_lock:
-            actor._tally.env_s += pushing - scoring
-            actor._tally.push_s += time.perf_counter() - pushing
-            actor._tally.num_accepted += accepted
-
-    def _buffer_ended(self, reason: str) -> None:
-        self.ended_by = reason
-        self.buffer_gone.set()
-        self.actor._stop.set()

@@ -153,7 +153,7 @@ class VLLMEngine:
         self._cache_epoch = 0  # salts the prompts; bumped by every reset_caches (see the module docstring)
         self.tokenizer = self.llm.get_tokenizer()
         self.allowed_token_ids = allowed_token_ids(self.tokenizer)
-        self.policy_version = 0
+        self.set_policy_version(0)
 
     def sampling_params(self, n: int, temperature: float, top_p: float, max_tokens: int) -> Any:
         """vLLM SamplingParams for G = n samples per prompt, keeping each sampled token's log-prob.
@@ -281,8 +281,16 @@ class VLLMEngine:
             raise
         finally:
             self.reset_caches()
-        self.policy_version = plan.version
+        self.set_policy_version(plan.version)
         return time.perf_counter() - start
+
+    def set_policy_version(self, version: int) -> None:
+        """Labels the weights now loaded with their version, here and in vLLM's engine core, which stamps every
+        token it samples from then on with it (each finished completion's `weight_versions` spans). Call it while
+        the engine is paused (or idle), so that no step straddles the change.
+        """
+        self._run(self.llm.update_weight_version(str(version)))
+        self.policy_version = version
 
     def reset_caches(self) -> None:
         """Drops the encoder cache (image features of old weights) and the prefix cache (KV of old weights), and

@@ -1,5 +1,5 @@
 """A rollout actor as a real Ray actor with the real vLLM CPU engine, feeding a real ReplayBuffer actor: rounds, then
-continuous generation (`stream`) with back-pressure, a weight load mid-stream, and the buffer's closing.
+continuous generation (`stream`) with back-pressure, an early stop, a weight load mid-stream, and the buffer's closing.
 
 The groups are read back the learner's way: items from `buffer.get`, groups from the object store by their refs.
 """
@@ -135,6 +135,11 @@ def test_stream_stalls_on_a_full_buffer_and_stops_after_pushing_its_requests_in_
     actor, buffer = cluster
     version, offered = ray.get(actor.get_policy_version.remote()), offered_by(buffer)
     assert ray.get(actor.drain_stats.remote()) is None  # nothing streamed yet
+    # A stop that a threaded actor runs before the stream sent to it has started is not lost: that stream ends at once,
+    # and the stop is used up (the next stream runs).
+    ray.get(actor.stop_stream.remote())
+    early = ray.get(actor.stream.remote(max_states_in_flight=3), timeout=30)
+    assert early.ended_by == "stop" and early.num_submitted == early.num_unprepared == 0
     stream = actor.stream.remote(max_states_in_flight=3)
     deadline = time.monotonic() + 120
     while ray.get(buffer.stats.remote()).blocked_puts == 0:  # full, and the next push waits for room

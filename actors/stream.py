@@ -1,0 +1,282 @@
+"""One `RolloutActor.stream` call: continuous generation into the replay buffer, in three threads.
+
+    preparer thread: pool.sample + chat prompt + engine input, one state at a time, into a bounded queue
+    caller's thread: a state goes to the engine (n = G samples) whenever one of `max_states_in_flight` slots is free
+    pusher thread:   finished requests -> scored on clones -> TrajectoryGroups -> ONE buffer.put_many per batch;
+                     at most 2 x max_states_in_flight states are submitted and not yet pushed, so a full buffer
+                     stalls generation (bounded memory)
+
+So game stepping, rendering and scoring overlap decoding, and the engine is refilled as soon as a request ends. The
+scoring and the stats are the actor's own (`RolloutActor._score_into`, its tally and `EngineClock`), shared with its
+rounds and read by `drain_stats` while the stream runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from actors.rollout_actor import RolloutActor, _Prepared
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.05  # how often a stream's waiting threads look at the stop flag
+PREPARE_FAILURES_IN_A_ROW = 32  # a stream ends with an error after this many states in a row failed to prepare
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    """How one `stream` call ended. Every state submitted is accounted for:
+    `num_submitted == num_groups + num_skipped + num_aborted`, and `num_groups == num_pushed + num_unpushed`."""
+
+    ended_by: str  # "stop" (stop_stream), "buffer_closed" or "buffer_dead"
+    num_submitted: int  # states given to the engine
+    num_groups: int  # trajectory groups made from them
+    num_skipped: int  # submitted states whose scoring raised
+    num_aborted: int  # requests aborted in flight (only when the buffer ended the stream)
+    num_pushed: int  # groups offered to the buffer (put_many calls that returned)
+    num_unpushed: int  # groups made but not offered (the buffer was closed or dead)
+    num_accepted: int  # groups the buffer stored
+    num_unprepared: int  # states whose preparation raised (never submitted)
+    stream_s: float
+
+
+@dataclass
+class EngineClock:
+    """The time the engine has had requests in flight: a stream's `generation_s`, so that its tokens/s is the
+    engine's rate and not diluted by the stream's idle waits. Its users hold the actor's stats lock."""
+
+    in_engine: int = 0  # requests in the engine
+    busy_since: float | None = None  # when the time not yet counted began (None: idle)
+
+    def enter(self, now: float) -> None:
+        if self.in_engine == 0:
+            self.busy_since = now
+        self.in_engine += 1
+
+    def leave(self, now: float) -> float:
+        """A request ended; returns the busy seconds to count (all of them once the engine is idle, else 0)."""
+        self.in_engine -= 1
+        if self.in_engine > 0:
+            return 0.0
+        busy = self.lap(now)
+        self.busy_since = None
+        return busy
+
+    def lap(self, now: float) -> float:
+        """The busy seconds not yet counted, up to `now` (a drain counts them while requests are still in flight)."""
+        if self.busy_since is None:
+            return 0.0
+        busy, self.busy_since = now - self.busy_since, now
+        return busy
+
+
+class StreamRun:
+    """One `RolloutActor.stream` call: its preparer and pusher threads, its queues and its counts.
+
+    An engine slot is taken before a state is submitted and given back when its request ends; a backlog slot (twice
+    as many) is taken with it and given back once its group was pushed (or it was skipped or aborted). The engine
+    is refilled while earlier groups are scored and pushed, and a buffer that takes nothing stops submissions.
+    The actor's stop flag ends the stream; the run sets it too when the buffer ends it or a thread fails.
+    """
+
+    def __init__(self, actor: RolloutActor, slots: int) -> None:
+        self.actor = actor
+        self.engine_slots = threading.Semaphore(slots)
+        self.backlog = threading.Semaphore(2 * slots)
+        self.ready: queue.Queue[_Prepared] = queue.Queue(maxsize=slots)  # states prepared ahead
+        self.finished: queue.Queue[tuple[_Prepared, Future]] = queue.Queue()  # requests ended, not yet handled
+        self.start = time.perf_counter()
+        self.lock = threading.Lock()
+        self.in_flight: set[Future] = set()
+        self.submitting = True
+        self.buffer_gone = threading.Event()  # closed or dead: abort, push nothing more
+        self.ended_by = "stop"
+        self.error: BaseException | None = None  # raised by `go` once every thread has ended
+        self.counts = dict.fromkeys(
+            ("submitted", "groups", "skipped", "aborted", "pushed", "unpushed", "accepted", "unprepared", "done"), 0
+        )
+
+    def go(self) -> None:
+        threads = [
+            threading.Thread(target=self._prepare_loop, name=f"{self.actor.name}-prepare", daemon=True),
+            threading.Thread(target=self._push_loop, name=f"{self.actor.name}-push", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            self._submit_loop()
+        finally:
+            self.actor._stop.set()  # ends the preparer (also when a submission raised)
+            with self.lock:
+                self.submitting = False
+            for thread in threads:
+                thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def summary(self) -> StreamSummary:
+        c = self.counts
+        return StreamSummary(
+            ended_by=self.ended_by,
+            num_submitted=c["submitted"],
+            num_groups=c["groups"],
+            num_skipped=c["skipped"],
+            num_aborted=c["aborted"],
+            num_pushed=c["pushed"],
+            num_unpushed=c["unpushed"],
+            num_accepted=c["accepted"],
+            num_unprepared=c["unprepared"],
+            stream_s=time.perf_counter() - self.start,
+        )
+
+    def _fail(self, error: BaseException) -> None:
+        self.error = self.error or error
+        self.actor._stop.set()
+
+    # ---- caller's thread: submissions ---------------------------------------------------------------------------
+    def _submit_loop(self) -> None:
+        actor = self.actor
+        while self._acquire(self.backlog):
+            if not self._acquire(self.engine_slots):
+                break
+            item = self._next_ready()
+            if item is None:
+                break
+            with actor._weights_lock:  # not between a pause and its resume
+                future = actor.engine.submit(item.engine_input, actor._params)
+            with actor._stats_lock:
+                actor._clock.enter(time.perf_counter())
+                actor._tally.num_submitted += 1
+            with self.lock:
+                self.counts["submitted"] += 1
+                self.in_flight.add(future)
+            future.add_done_callback(lambda done, item=item: self._on_done(item, done))
+        if self.buffer_gone.is_set() or self.error is not None:
+            with self.lock:
+                in_flight = list(self.in_flight)
+            for future in in_flight:
+                future.cancel()  # aborts the request in the engine
+
+    def _acquire(self, slots: threading.Semaphore) -> bool:
+        """Takes a slot; False when the stream is stopping instead."""
+        while not self.actor._stop.is_set():
+            if slots.acquire(timeout=POLL_S):
+                return True
+        return False
+
+    def _next_ready(self) -> _Prepared | None:
+        while not self.actor._stop.is_set():
+            try:
+                return self.ready.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+        return None
+
+    def _on_done(self, item: _Prepared, future: Future) -> None:
+        """On the engine's loop thread: the request ended."""
+        actor = self.actor
+        with actor._stats_lock:
+            actor._tally.generation_s += actor._clock.leave(time.perf_counter())
+        self.engine_slots.release()
+        with self.lock:
+            self.in_flight.discard(future)
+        self.finished.put((item, future))
+
+    # ---- preparer thread ------------------------------------------------------------------------------------------
+    def _prepare_loop(self) -> None:
+        actor, stop, failures = self.actor, self.actor._stop, 0
+        while not stop.is_set():
+            begin = time.perf_counter()
+            item = actor._prepare_one()
+            with actor._stats_lock:
+                actor._tally.env_s += time.perf_counter() - begin
+                actor._tally.num_skipped += item is None
+            if item is None:
+                self.counts["unprepared"] += 1
+                failures += 1
+                if failures >= PREPARE_FAILURES_IN_A_ROW:
+                    self._fail(RuntimeError(f"{actor.name}: {failures} states in a row failed; see the logged errors"))
+                continue
+            failures = 0
+            while not stop.is_set():
+                try:
+                    self.ready.put(item, timeout=POLL_S)
+                    break
+                except queue.Full:
+                    continue
+
+    # ---- pusher thread --------------------------------------------------------------------------------------------
+    def _push_loop(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            try:
+                self._push_batch(batch)
+            except BaseException as e:  # an engine or scoring bug: end the stream, raise it from `stream`
+                self._fail(e)
+            finally:
+                with self.lock:
+                    self.counts["done"] += len(batch)
+                for _ in batch:
+                    self.backlog.release()
+
+    def _take_batch(self) -> list[tuple[_Prepared, Future]] | None:
+        """The requests finished so far (at least one); None once submitting ended and every request was handled."""
+        while True:
+            try:
+                batch = [self.finished.get(timeout=POLL_S)]
+                break
+            except queue.Empty:
+                with self.lock:
+                    if not self.submitting and self.counts["done"] == self.counts["submitted"]:
+                        return None
+        while True:
+            try:
+                batch.append(self.finished.get_nowait())
+            except queue.Empty:
+                return batch
+
+    def _push_batch(self, batch: list[tuple[_Prepared, Future]]) -> None:
+        import ray
+
+        actor, groups = self.actor, []
+        scoring = time.perf_counter()
+        for item, future in batch:
+            if future.cancelled() or self.buffer_gone.is_set():
+                self.counts["aborted"] += 1
+                continue
+            output = future.result()  # an engine error ends the stream (raised from `stream`)
+            serial = self.counts["groups"] + self.counts["skipped"]
+            group = actor._score_into(actor._tally, item, output, f"{actor.name}-s{actor.streams}-{serial}")
+            if group is None:
+                self.counts["skipped"] += 1
+            else:
+                self.counts["groups"] += 1
+                groups.append(group)
+        pushing = time.perf_counter()
+        accepted = 0
+        try:
+            accepted = actor._push(groups)
+        except ray.exceptions.RayActorError:
+            logger.warning("%s: the buffer is dead; the stream ends", actor.name)
+            self._buffer_ended("buffer_dead")
+            self.counts["unpushed"] += len(groups)
+        else:
+            self.counts["pushed"] += len(groups)
+            self.counts["accepted"] += accepted
+            if accepted < len(groups) and ray.get(actor.buffer.stats.remote()).drops["closed"] > 0:
+                self._buffer_ended("buffer_closed")
+        with actor._stats_lock:
+            actor._tally.env_s += pushing - scoring
+            actor._tally.push_s += time.perf_counter() - pushing
+            actor._tally.num_accepted += accepted
+
+    def _buffer_ended(self, reason: str) -> None:
+        self.ended_by = reason
+        self.buffer_gone.set()
+        self.actor._stop.set()
