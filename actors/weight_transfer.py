@@ -51,7 +51,8 @@ class GlooUpdateInfo(WeightTransferUpdateInfo):
 
 
 class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
-    """Receives the learner's bucketed gloo broadcast and loads it through vLLM's layer-wise reload.
+    """Receives the learner's buckets (shared memory on the learner's node, a gloo broadcast elsewhere; see
+    `learner.weight_sync.SyncGroup`) and loads them through vLLM's layer-wise reload.
 
     Weights are loaded bucket after bucket with the model's `load_weights` between vLLM's
     `initialize_layerwise_reload` and `finalize_layerwise_reload` (as its NCCL engine does): each layer is processed
@@ -97,16 +98,16 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         member that left."""
         if self.group is None:
             raise RuntimeError("weight sync: init_weight_transfer_engine was not called (or the group was torn down)")
+        buckets = [bucket_from_info(info) for info in update_info.buckets]
         try:
-            for info in update_info.buckets:
-                bucket = bucket_from_info(info)
-                t0 = time.perf_counter()
-                flat = torch.empty(bucket.numel, dtype=bucket.torch_dtype, device=self.device)  # (numel,)
-                self.group.broadcast(flat)
+            t0 = time.perf_counter()
+            for bucket, flat in self.group.receive(buckets):  # flat: a view of shared memory or a gloo broadcast
                 t1 = time.perf_counter()
                 self.model.load_weights(unpack_bucket(bucket, flat))
                 self.timings["receive_s"] += t1 - t0
-                self.timings["load_s"] += time.perf_counter() - t1
+                t0 = time.perf_counter()
+                self.timings["load_s"] += t0 - t1
+            self.timings["receive_s"] += time.perf_counter() - t0
         except BaseException:
             self.shutdown()
             raise

@@ -2,17 +2,19 @@
 
 For the tiny model and a ~106 M-parameter model of the same architecture (random weights, float32), it times syncs
 from a 2-rank ZeRO-3 learner group (every tensor sharded) to vLLM engines in Ray actors, through vLLM's
-weight-transfer lifecycle (the gloo engine of actors/weight_transfer.py on CPU), and prints per sync where the time
-goes: on learner rank 0 the ZeRO-3 gathers and the packing + sending; in the slowest engine the waits for buckets
-(transfer), vLLM's layer-wise loading and its finalize; the wall time the driver sees and the achieved GB/s. Then, on
-the same weights, vLLM's own in-place reload alone (`reload_weights` from tensors already in the engine's process, the
-floor of any loading path), and this machine's memcpy GB/s, measured in the same run. The last line is the summary for
-the larger model:
+weight-transfer lifecycle (the CPU engine of actors/weight_transfer.py), and prints per sync where the time goes: on
+learner rank 0 the ZeRO-3 gathers, the packing (into shared memory, or a buffer gloo sends) and the sending (which
+waits for the engines); in the slowest engine the waits for buckets (transfer), vLLM's layer-wise loading and its
+finalize; the wall time the driver sees and the achieved GB/s. Then, on the same weights, vLLM's own in-place reload
+alone (`reload_weights` from tensors already in the engine's process, the floor of any loading path), and this
+machine's memcpy GB/s, measured just before and just after each model's syncs (the mean: the machine may be shared).
+The last line is the summary for the larger model:
 
     weight_sync: params=... sync_s=... gbps=... memcpy_gbps=... memcpy_share=... reload_s=... vs_reload=...
 
-(`vs_reload`: sync time / reload time.) Run: `.venv/bin/python -P bench/weight_sync.py [--engines 2] [--syncs 3]
-[--bucket-mb 512]`. On CPU the transport is gloo over loopback TCP, bounded by the kernel's socket copies.
+(`vs_reload`: sync time / reload time; `load1`: the load average at the end.) Run: `.venv/bin/python -P
+bench/weight_sync.py [--engines 2] [--syncs 3] [--bucket-mb 512] [--transport auto|shm|gloo]`. With `auto` (engines on
+the learner's node) the buckets go through /dev/shm; `gloo` broadcasts them over loopback TCP, as to another node.
 """
 
 from __future__ import annotations
@@ -88,12 +90,14 @@ def bench_model(name: str, model_dir: str, args: argparse.Namespace) -> dict[str
     """Times `args.syncs` syncs (after a first, full one that also warms up) of `model_dir`, then vLLM's reload alone
     of the same weights; returns the medians."""
     config = LearnerConfig(model_dir=model_dir, num=2, param_persistence_threshold=0)
-    group = LearnerGroup(config, GRPOConfig(), WeightSyncConfig(bucket_mb=args.bucket_mb), num_cpus=0.5)
+    sync = WeightSyncConfig(bucket_mb=args.bucket_mb, transport=args.transport)
+    group = LearnerGroup(config, GRPOConfig(), sync, num_cpus=0.5)
     params = sum(t.numel() for t in group.consolidated_state_dict().values())
     rollout = RolloutConfig(max_model_len=1024, cpu_kv_cache_gib=1)
     engines = [ray.remote(num_cpus=0.5)(VLLMEngine).remote(model_dir, rollout) for _ in range(args.engines)]
     group.init_weight_sync(engines)
     first = group.sync_weights(version=1)
+    memcpy_before = memcpy_gbps()
     print(f"{name}: {params / 1e6:.1f} M params, first (full) sync {first.total_s:.3f} s, {first.nbytes / 1e6:.0f} MB")
     runs, phases = [], []
     for version in range(2, 2 + args.syncs):
@@ -102,11 +106,13 @@ def bench_model(name: str, model_dir: str, args: argparse.Namespace) -> dict[str
         runs.append(stats)
         phases.append({k: max(p[k] for p in engine_phases) for k in engine_phases[0]})
         print(
-            f"{name}: sync v{version}: learner gather {stats.gather_s:.3f} s, pack+send {stats.broadcast_s:.3f} s; "
+            f"{name}: sync v{version}: learner gather {stats.gather_s:.3f} s, pack {stats.pack_s:.3f} s, "
+            f"send {stats.broadcast_s - stats.pack_s:.3f} s; "
             f"engine receive {phases[-1]['receive_s']:.3f} s, load {phases[-1]['load_s']:.3f} s, "
             f"finalize {phases[-1]['finish_s']:.3f} s, all {stats.load_s:.3f} s; "
             f"total {stats.total_s:.3f} s  {stats.gbps:.2f} GB/s"
         )
+    memcpy = (memcpy_before + memcpy_gbps()) / 2
     payload = pickle.dumps(list(group.consolidated_state_dict().items()), protocol=pickle.HIGHEST_PROTOCOL)
     reloads = [in_worker(engines[0], timed_reload, payload) for _ in range(args.syncs)]
     print(f"{name}: vLLM's reload alone (in the engine's process): " + ", ".join(f"{t:.3f} s" for t in reloads))
@@ -117,10 +123,12 @@ def bench_model(name: str, model_dir: str, args: argparse.Namespace) -> dict[str
     return {
         "params": params,
         "nbytes": runs[0].nbytes,
-        **{k: statistics.median(getattr(r, k) for r in runs) for k in ("gather_s", "broadcast_s", "load_s", "total_s")},
+        **{k: statistics.median(getattr(r, k) for r in runs) for k in ("gather_s", "pack_s", "load_s", "total_s")},
+        "send_s": statistics.median(r.broadcast_s - r.pack_s for r in runs),
         **{k: statistics.median(p[k] for p in phases) for k in phases[0]},
         "gbps": statistics.median(r.gbps for r in runs),
         "reload_s": statistics.median(reloads),
+        "memcpy_gbps": memcpy,
     }
 
 
@@ -129,6 +137,7 @@ def main() -> None:
     parser.add_argument("--engines", type=int, default=2, help="vLLM engines receiving each sync")
     parser.add_argument("--syncs", type=int, default=3, help="timed syncs per model (after a first, full one)")
     parser.add_argument("--bucket-mb", type=int, default=512, help="broadcast bucket size in MiB")
+    parser.add_argument("--transport", default="auto", help="weight_sync.transport: auto, shm or gloo")
     args = parser.parse_args()
 
     ray.init(num_cpus=1 + args.engines, include_dashboard=False, log_to_driver=False)
@@ -137,21 +146,24 @@ def main() -> None:
         "medium": str(ensure_model_dir("bench-medium", text_config=MEDIUM_TEXT, vision_config=MEDIUM_VISION)),
     }
     results = {name: bench_model(name, path, args) for name, path in models.items()}
-    memcpy = memcpy_gbps()
-    print(f"memcpy: {memcpy:.2f} GB/s (512 MiB float32 copy, best of 5)")
     for name, r in results.items():
         print(
             f"{name}: {r['params'] / 1e6:.1f} M params, {r['nbytes'] / 1e6:.0f} MB per sync, median of {args.syncs}: "
-            f"learner gather {r['gather_s']:.3f} s, pack+send {r['broadcast_s']:.3f} s; engine receive "
-            f"{r['receive_s']:.3f} s, load {r['load_s']:.3f} s, finalize {r['finish_s']:.3f} s; total "
-            f"{r['total_s']:.3f} s = {r['gbps']:.2f} GB/s ({r['gbps'] / memcpy:.1%} of memcpy); vLLM's reload alone "
-            f"{r['reload_s']:.3f} s ({r['total_s'] / r['reload_s']:.2f}x of it)"
+            f"learner gather {r['gather_s']:.3f} s, pack {r['pack_s']:.3f} s, send {r['send_s']:.3f} s; engine "
+            f"receive {r['receive_s']:.3f} s, load {r['load_s']:.3f} s, finalize {r['finish_s']:.3f} s; total "
+            f"{r['total_s']:.3f} s = {r['gbps']:.2f} GB/s ({r['gbps'] / r['memcpy_gbps']:.1%} of memcpy at "
+            f"{r['memcpy_gbps']:.2f} GB/s, 512 MiB float32 copy, best of 5); vLLM's reload alone {r['reload_s']:.3f} s "
+            f"({r['total_s'] / r['reload_s']:.2f}x of it)"
         )
     medium = results["medium"]
+    memcpy = medium["memcpy_gbps"]
     print(
         f"weight_sync: params={medium['params']} sync_s={medium['total_s']:.3f} gbps={medium['gbps']:.3f} "
         f"memcpy_gbps={memcpy:.2f} memcpy_share={medium['gbps'] / memcpy:.3f} reload_s={medium['reload_s']:.3f} "
-        f"vs_reload={medium['total_s'] / medium['reload_s']:.2f} engines={args.engines} bucket_mb={args.bucket_mb}"
+        f"vs_reload={medium['total_s'] / medium['reload_s']:.2f} gather_s={medium['gather_s']:.3f} "
+        f"pack_s={medium['pack_s']:.3f} send_s={medium['send_s']:.3f} engine_load_s={medium['load_s']:.3f} "
+        f"finalize_s={medium['finish_s']:.3f} engines={args.engines} bucket_mb={args.bucket_mb} "
+        f"transport={args.transport} load1={os.getloadavg()[0]:.1f}"
     )
     ray.shutdown()
 

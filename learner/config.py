@@ -16,6 +16,8 @@ from typing import Any
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 OBJECTIVES = ("ppo", "decoupled")
+# `weight_sync.transport` of the gloo backend (learner.weight_sync.SyncGroup): shared memory on the learner's node.
+TRANSPORTS = ("auto", "shm", "gloo")
 DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 DEEPSPEED_PRESETS = {"cpu": "zero3_cpu_fp32.json", "gpu": "zero3_gpu_bf16.json"}
 
@@ -156,7 +158,12 @@ class WeightSyncConfig:
     """Learner updates between two syncs (sync mode: 1)."""
     backend: str = "auto"
     """Transport: 'gloo' (CPU: the project's engine, actors/weight_transfer.py), 'nccl' (GPU: vLLM's NCCL
-    weight-transfer engine) or 'auto' (nccl when the learner sees CUDA). Engines pick theirs from their device."""
+    weight-transfer engine) or 'auto' (nccl when the learner sees CUDA). Engines pick theirs from their device, so
+    the backend must be the one of the learner's device (checked at start-up, `resolved_backend`)."""
+    transport: str = "auto"
+    """With the gloo backend: 'auto' (engines on the learner's node read each bucket from shared memory under /dev/shm,
+    engines elsewhere get a gloo broadcast), 'shm' (every engine must be on the learner's node) or 'gloo' (broadcast
+    to all, as across nodes)."""
     timeout_s: float = 600.0
     """How long a member of the sync group waits for the others (at the gate before a group forms, and in each
     collective)."""
@@ -166,8 +173,19 @@ class WeightSyncConfig:
         _require(self.every_steps >= 1, "weight_sync.every_steps", "an integer >= 1", self.every_steps)
         backends = ("auto", "gloo", "nccl")
         _require(self.backend in backends, "weight_sync.backend", f"one of {backends}", self.backend)
+        _require(self.transport in TRANSPORTS, "weight_sync.transport", f"one of {TRANSPORTS}", self.transport)
+        shm_ok = self.transport != "shm" or self.backend != "nccl"
+        _require(shm_ok, "weight_sync.transport", "'auto' or 'gloo' with weight_sync.backend=nccl", self.transport)
         _require(self.timeout_s > 0, "weight_sync.timeout_s", "a number > 0", self.timeout_s)
         return self
+
+    def resolved_backend(self, cuda: bool) -> str:
+        """The backend for a learner on CUDA or not; the other one cannot work (the engines beside a GPU learner use
+        vLLM's NCCL engine, CPU engines the gloo one, and a CPU learner has no NCCL)."""
+        device, backend = ("cuda", "nccl") if cuda else ("cpu", "gloo")
+        allowed = f"'auto' or '{backend}' with a {device} learner"
+        _require(self.backend in ("auto", backend), "weight_sync.backend", allowed, self.backend)
+        return backend
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam  # isort: skip
 from actors.vocab import allowed_token_ids
 from learner import checkpoint
 from learner.batch import MicroBatch, Sample, collate, encode_groups, encode_sft
-from learner.config import GRPOConfig, LearnerConfig
+from learner.config import GRPOConfig, LearnerConfig, WeightSyncConfig
 from learner.grpo import aggregate, behaviour_weights, entropy_from_logits, kl_penalty, policy_loss
 from learner.sft import SFTExample, sft_loss
 from learner.weight_sync import Bucket, SyncGroupInfo, SyncPlan, SyncSender, plan_buckets
@@ -439,13 +439,14 @@ class Learner:
         state = self.engine._zero3_consolidated_16bit_state_dict()
         return {k: v.cpu() for k, v in state.items()} if self.rank == 0 else {}
 
-    def serve_weight_sync(self, world_size: int, backend: str, timeout_s: float, bucket_mb: int) -> SyncGroupInfo:
+    def serve_weight_sync(self, world_size: int, sync: WeightSyncConfig) -> SyncGroupInfo:
         """Rank 0: destroys the previous sync group, if any, and opens a new one's store; the next sync sends every
         parameter (frozen ones included)."""
         if self._sync is not None:
             self._sync.close()
-        backend = ("nccl" if self.device.type == "cuda" else "gloo") if backend == "auto" else backend
-        self._sync = SyncSender.serve(self.node_address()[0], world_size, backend, timeout_s, bucket_mb * 2**20)
+        backend = sync.resolved_backend(self.device.type == "cuda")
+        host = self.node_address()[0]
+        self._sync = SyncSender.serve(host, world_size, backend, sync.timeout_s, sync.bucket_mb * 2**20, sync.transport)
         self._frozen_sent = False
         return self._sync.info
 
@@ -472,11 +473,12 @@ class Learner:
         group is then unusable until `serve_weight_sync` opens a new one.
 
         Returns:
-            `gather_s` (ZeRO-3 gathers) and `broadcast_s` (packing and sending, which includes waiting for the engines
-            to load the previous bucket) on rank 0, and `error`: None, or why the broadcast failed.
+            `gather_s` (ZeRO-3 gathers), `pack_s` (copying into the send buffers) and `broadcast_s` (packing and
+            sending, which includes waiting for the engines to load) on rank 0, and `error`: None, or why the
+            broadcast failed.
         """
         named = dict(self.engine.module.named_parameters())
-        gather_s = 0.0
+        gather_s = pack_s = 0.0
         error: str | None = None
 
         def gathered() -> Iterator[tuple[Bucket, dict[str, torch.Tensor]]]:
@@ -491,7 +493,7 @@ class Learner:
         start = time.perf_counter()
         if self.rank == 0:
             try:
-                self._sync.send(buckets)
+                pack_s = self._sync.send(plan, buckets)
             except RuntimeError as e:  # the group tore itself down: later syncs fail until a new one forms
                 error = f"{type(e).__name__}: {e}"
         for _ in buckets:  # ranks > 0, and rank 0 after a failure: the rest of the gathers
@@ -500,7 +502,7 @@ class Learner:
         if error is None:
             self.version = plan.version
             self._frozen_sent = self._frozen_sent or plan.full
-        return {"gather_s": gather_s, "broadcast_s": broadcast_s, "error": error}
+        return {"gather_s": gather_s, "pack_s": pack_s, "broadcast_s": broadcast_s, "error": error}
 
     # ----------------------------------------------------------------------------------------------- checkpoints
 

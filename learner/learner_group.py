@@ -58,8 +58,9 @@ class SyncStats:
     version: int
     nbytes: int
     full: bool  # frozen parameters included
-    gather_s: float  # ZeRO-3 gathers and packing on learner rank 0
-    broadcast_s: float  # sending on learner rank 0 (overlaps the engines' loading)
+    gather_s: float  # ZeRO-3 gathers on learner rank 0
+    pack_s: float  # copying gathered tensors into the send buffers (shared memory) on learner rank 0
+    broadcast_s: float  # packing and sending on learner rank 0 (overlaps the engines' loading)
     load_s: float  # slowest engine's receive + load
     total_s: float  # wall time of the whole sync, as the driver sees it
 
@@ -134,6 +135,7 @@ class LearnerGroup:
         use_gpu: bool = False,
     ):
         self.config, self.sync = config.validate(), sync.validate()
+        sync.resolved_backend(use_gpu)  # a backend that cannot work fails here, not at the first engine's init
         actor_cls = ray.remote(Learner)
         self.learners = []
         for rank in range(config.num):
@@ -210,7 +212,7 @@ class LearnerGroup:
         world_size = len(engines) * workers_per_engine + 1
         leader = self.learners[0]
         self.engines = []
-        serve = leader.serve_weight_sync.remote(world_size, self.sync.backend, self.sync.timeout_s, self.sync.bucket_mb)
+        serve = leader.serve_weight_sync.remote(world_size, self.sync)
         info = self._gather([serve])[0]
         joins = [engine.join_weight_sync.remote(info, 1 + i * workers_per_engine) for i, engine in enumerate(engines)]
         _, leader_failed = _settle([leader.join_weight_sync.remote()])
@@ -247,6 +249,7 @@ class LearnerGroup:
             nbytes=plan.nbytes,
             full=plan.full,
             gather_s=timings["gather_s"],
+            pack_s=timings["pack_s"],
             broadcast_s=timings["broadcast_s"],
             load_s=max(load_times),
             total_s=time.perf_counter() - start,

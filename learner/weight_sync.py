@@ -13,9 +13,10 @@ The engines receive through vLLM's own lifecycle (`init_weight_transfer_engine(i
 sync `start_weight_update` -> `update_weights(update_info)` -> `finish_weight_update`), with plain-dict infos that
 cross process boundaries as they are. The transport is chosen from the device: on GPU vLLM's `nccl` engine and, on
 this side, vLLM's trainer endpoint (`nccl_common.trainer_init`) and packed producer; on CPU the project's gloo engine
-(`actors/weight_transfer.py`) and `SyncGroup` here. Everything above the transport is shared: the bucket plan (ZeRO-3
-gathers one bucket at a time; NCCL's packed chunks use the same byte size), one control call per engine per sync,
-the gate before a group forms, and the fault behaviour.
+(`actors/weight_transfer.py`) and `SyncGroup` here, which hands buckets to engines on the learner's node through
+shared memory and broadcasts them over gloo to the others (`weight_sync.transport`). Everything above the transport
+is shared: the bucket plan (ZeRO-3 gathers one bucket at a time; NCCL's packed chunks use the same byte size), one
+control call per engine per sync, the gate before a group forms, and the fault behaviour.
 
 The gate: every member marks its arrival in rank 0's `TCPStore` and waits, up to the group's timeout, for all the
 others before the transport's group is created. NCCL's `ncclCommInitRank` has no timeout, so without it a group with
@@ -27,9 +28,13 @@ worker processes and uses the same plan and unpacking code.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import threading
+import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
@@ -37,8 +42,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from learner.config import TRANSPORTS
+
 # vLLM's packed NCCL transfer double-buffers; both ends must agree on the count.
 NCCL_PACKED_BUFFERS = 2
+SHM_DIR = "/dev/shm"
+_SHM_ALIGN = 64  # bytes: every bucket's offset in a shared segment, so that any dtype's view is aligned
 
 
 @dataclass(frozen=True)
@@ -129,9 +138,23 @@ def plan_buckets(
 def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """Copies the bucket's tensors into one new flat buffer (numel,) on `device`."""
     flat = torch.empty(bucket.numel, dtype=bucket.torch_dtype, device=device)
+    pack_into(bucket, tensors, flat)
+    return flat
+
+
+def pack_into(bucket: Bucket, tensors: dict[str, torch.Tensor], flat: torch.Tensor) -> None:
+    """Copies the bucket's tensors into `flat` (numel,), e.g. a view of a shared-memory segment."""
     for slot in bucket.slots:
         flat[slot.offset : slot.offset + slot.numel].copy_(tensors[slot.name].reshape(-1))
-    return flat
+
+
+def shm_layout(buckets: Sequence[Bucket]) -> tuple[list[int], int]:
+    """Where each bucket of a sync lies in a shared-memory segment (byte offsets) and the segment's size."""
+    offsets, end = [], 0
+    for bucket in buckets:
+        offsets.append(end)
+        end += -(-bucket.nbytes // _SHM_ALIGN) * _SHM_ALIGN
+    return offsets, end
 
 
 def unpack_bucket(bucket: Bucket, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -181,6 +204,8 @@ class SyncGroupInfo:
     timeout_s: float
     bucket_bytes: int  # NCCL: the packed chunk size, which both ends must agree on
     nccl_port: int = 0  # NCCL: the port of vLLM's StatelessProcessGroup rendezvous on `host`
+    transport: str = "auto"  # gloo backend: one of TRANSPORTS (see SyncGroup)
+    node: str = ""  # the learner's host name: members on it read shared memory unless transport is "gloo"
 
     def init_info(self, rank_offset: int) -> dict[str, Any]:
         """`init_weight_transfer_engine(init_info)` for an engine whose TP rank 0 is sync rank `rank_offset`."""
@@ -222,45 +247,177 @@ def gate(info: SyncGroupInfo, rank: int, store: dist.Store) -> None:
 
 
 class SyncGroup:
-    """One member's end of a gloo sync group: `broadcast` from sync rank 0, in place. Both ends use it: learner rank 0
-    (`SyncSender`) and every worker of the CPU engines (`actors.weight_transfer.GlooWeightTransferEngine`).
+    """One member's end of a CPU sync group: learner rank 0 (`SyncSender`) sends each sync's buckets with `send`, every
+    worker of the CPU engines (`actors.weight_transfer.GlooWeightTransferEngine`) takes them with `receive`.
 
-    Members create it once past the gate; creation blocks until the whole world has joined.
+    Two transports under one group, chosen per member when the group forms (`SyncGroupInfo.transport`):
+
+    - shared memory, for members on the learner's node: rank 0 packs each bucket once into a segment under /dev/shm
+      that every such member maps; only a small all-reduce crosses gloo per bucket (the barrier that says the bucket
+      is written and that the members have loaded the one before; it carries the segment's generation, so a member
+      maps a new segment only when rank 0 made one);
+    - gloo broadcast, for members on other nodes (or all of them under transport `gloo`): a group of rank 0 and those
+      members only, fed from the same packed buffer.
+
+    The segment holds a whole sync (each bucket at its own offset): vLLM's layer-wise reload keeps references to the
+    tensors of layers still waiting for others, so a bucket's memory must not be rewritten before the sync ends. Rank 0
+    creates it when a sync needs more room than the current one has and unlinks its name at the end of that sync
+    (or when it fails): members keep their mappings for the group's life, and no name outlives a sync.
+
+    Members create it once past the gate; creation blocks until the whole world has joined. A member whose collective
+    fails tears its end down before raising, which is how a failure reaches everyone: gloo works along trees, so a
+    member waiting on a relay fails only once that relay closes its connections, and members that merely time out
+    would hold the learner for `timeout_s`. The group is unusable afterwards.
+
+    Args:
+        node: this member's node; None is this host's name (tests pass another to stand for a remote member).
     """
 
-    def __init__(self, info: SyncGroupInfo, rank: int, store: dist.Store):
+    def __init__(self, info: SyncGroupInfo, rank: int, store: dist.Store, node: str | None = None):
         self.info, self.rank = info, rank
-        self._gloo: dist.ProcessGroupGloo | None = dist.ProcessGroupGloo(
-            store, rank, info.world_size, timedelta(seconds=info.timeout_s)
-        )
+        local = info.transport != "gloo" and (socket.gethostname() if node is None else node) == info.node
+        if info.transport == "shm" and not local:
+            raise RuntimeError(
+                f"weight_sync.transport=shm, but sync rank {rank} is not on the learner's node {info.node!r}; "
+                f"allowed values: {TRANSPORTS} (auto: shared memory on the learner's node, gloo elsewhere)"
+            )
+        store.set(f"shm/{rank}", "1" if local else "0")
+        timeout = timedelta(seconds=info.timeout_s)
+        self._gloo: dist.ProcessGroupGloo | None = dist.ProcessGroupGloo(store, rank, info.world_size, timeout)
+        # Every member set its flag before joining, and joining returns once all have joined.
+        readers = {r for r in range(1, info.world_size) if store.get(f"shm/{r}") == b"1"}
+        self.shm, self.reads_shm = bool(readers), rank in readers
+        fed = [r for r in range(info.world_size) if r not in readers]  # rank 0 and the members gloo feeds
+        self._payload: dist.ProcessGroupGloo | None = None
+        if not readers:
+            self._payload = self._gloo
+        elif len(fed) > 1 and rank in fed:
+            self._payload = dist.ProcessGroupGloo(
+                dist.PrefixStore("payload", store), fed.index(rank), len(fed), timeout
+            )
+        self._segment: torch.Tensor | None = None  # (nbytes,) uint8, mapped from /dev/shm
+        self._generation = 0  # of the mapped segment
+        self._linked: str | None = None  # rank 0: the path of a segment whose name still exists
 
-    def broadcast(self, flat: torch.Tensor) -> None:
-        """Broadcasts `flat` from sync rank 0 into every member's `flat` (same numel and dtype everywhere).
+    def send(self, buckets: Sequence[Bucket], gathered: Iterable[tuple[Bucket, dict[str, torch.Tensor]]]) -> float:
+        """Rank 0: packs and sends each (bucket, its tensors by name) of `gathered`, in the order of `buckets` (the
+        sync's plan); the tensors may be freed once the iterator moves on (they are ZeRO-3 gathers). Returns once
+        every member has received (shared memory: loaded) every bucket.
 
-        A member that fails (a peer is gone) tears its end of the group down before raising, which is how the failure
-        reaches everyone: gloo broadcasts along a tree, so a member waiting on a relay fails only once that relay
-        closes its connections, and members that merely time out would hold the learner for `timeout_s`. The group
-        is unusable afterwards.
+        Returns:
+            Seconds spent packing.
 
         Raises:
-            RuntimeError: the broadcast failed, or this group was torn down.
+            RuntimeError: a collective failed (the group is then torn down), or this group was torn down.
         """
-        if self._gloo is None:
-            raise RuntimeError("weight sync: this group was torn down after a failure; join a new one")
+        offsets, size = shm_layout(buckets)
+        pack_s = 0.0
+        try:
+            if self.shm:
+                self._create_segment(size)
+            for offset, (bucket, tensors) in zip(offsets, gathered, strict=True):
+                start = time.perf_counter()
+                flat = self._view(bucket, offset) if self.shm else torch.empty(bucket.numel, dtype=bucket.torch_dtype)
+                pack_into(bucket, tensors, flat)
+                pack_s += time.perf_counter() - start
+                if self._payload is not None:
+                    self._broadcast(flat)
+                if self.shm:
+                    self._barrier()
+            if self.shm:
+                self._barrier()  # every member has loaded the last bucket
+        finally:
+            self._unlink()
+        return pack_s
+
+    def receive(self, buckets: Sequence[Bucket]) -> Iterator[tuple[Bucket, torch.Tensor]]:
+        """A member: yields (bucket, its flat buffer (numel,)) for each bucket of one sync, in order; a buffer stays
+        valid until the sync ends (shared memory: it is a view of the segment). Ask for the next bucket only once the
+        previous one is loaded, and run the iterator to its end (its last barrier): with shared memory that is what
+        tells rank 0 this member is done.
+
+        Raises:
+            RuntimeError: a collective failed (the group is then torn down), or this group was torn down.
+        """
+        offsets, _ = shm_layout(buckets)
+        for bucket, offset in zip(buckets, offsets, strict=True):
+            if self.reads_shm:
+                self._attach(self._barrier())
+                yield bucket, self._view(bucket, offset)
+                continue
+            flat = torch.empty(bucket.numel, dtype=bucket.torch_dtype)
+            self._broadcast(flat)
+            if self.shm:
+                self._barrier()
+            yield bucket, flat
+        if self.shm:
+            self._barrier()
+
+    def _broadcast(self, flat: torch.Tensor) -> None:
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
+        self._wait(lambda: self._payload.broadcast([flat], opts))
+
+    def _barrier(self) -> int:
+        """An all-reduce of the world that carries rank 0's segment generation to everyone."""
+        value = torch.tensor([self._generation if self.rank == 0 else 0], dtype=torch.int64)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        self._wait(lambda: self._gloo.allreduce([value], opts))
+        return int(value.item())
+
+    def _wait(self, collective: Callable[[], Any]) -> None:
+        if self._gloo is None:
+            raise RuntimeError("weight sync: this group was torn down after a failure; join a new one")
         try:
-            self._gloo.broadcast([flat], opts).wait()
+            collective().wait()
         except RuntimeError:
             self.close()
             raise
 
+    def _segment_path(self, generation: int) -> str:
+        return f"{SHM_DIR}/{self.info.name}-{generation}"
+
+    def _create_segment(self, size: int) -> None:
+        """Rank 0: a new segment when the mapped one is smaller than `size`; its name lives until `_unlink`."""
+        if self._segment is not None and self._segment.numel() >= size:
+            return
+        self._segment = None
+        self._generation += 1
+        path = self._segment_path(self._generation)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._linked = path
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        self._segment = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+
+    def _attach(self, generation: int) -> None:
+        """A member: maps rank 0's segment `generation` unless it already has it."""
+        if generation != self._generation:
+            path = self._segment_path(generation)
+            self._segment = None
+            self._segment = torch.from_file(path, shared=True, size=os.path.getsize(path), dtype=torch.uint8)
+            self._generation = generation
+
+    def _view(self, bucket: Bucket, offset: int) -> torch.Tensor:
+        return self._segment[offset : offset + bucket.nbytes].view(bucket.torch_dtype)
+
+    def _unlink(self) -> None:
+        if self._linked is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._linked)
+            self._linked = None
+
     def close(self) -> None:
-        """Tears this end down: dropping the group closes its connections, which is what the members waiting on this
-        one notice (abort alone leaves them waiting for their timeout)."""
-        if self._gloo is not None:
-            self._gloo.abort()
-            self._gloo = None
+        """Tears this end down: dropping the groups closes their connections, which is what the members waiting on
+        this one notice (abort alone leaves them waiting for their timeout); the segment's name, if any, goes too."""
+        self._unlink()
+        self._segment = None
+        for group in {id(g): g for g in (self._gloo, self._payload) if g is not None}.values():
+            group.abort()
+        self._gloo = self._payload = None
 
 
 class SyncSender:
@@ -277,16 +434,28 @@ class SyncSender:
         self._nccl: Any = None  # vLLM's PyNcclCommunicator
 
     @classmethod
-    def serve(cls, host: str, world_size: int, backend: str, timeout_s: float, bucket_bytes: int) -> SyncSender:
+    def serve(
+        cls, host: str, world_size: int, backend: str, timeout_s: float, bucket_bytes: int, transport: str = "auto"
+    ) -> SyncSender:
         """Starts rank 0's TCPStore on a free port of `host` (and picks vLLM's NCCL rendezvous port)."""
         store = dist.TCPStore(
             host, 0, world_size, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
         )
         nccl_port = _free_port(host) if backend == "nccl" else 0
         name = f"weight-sync-{uuid.uuid4().hex[:12]}"
-        return cls(
-            SyncGroupInfo(host, store.port, world_size, backend, name, timeout_s, bucket_bytes, nccl_port), store
+        info = SyncGroupInfo(
+            host,
+            store.port,
+            world_size,
+            backend,
+            name,
+            timeout_s,
+            bucket_bytes,
+            nccl_port,
+            transport,
+            socket.gethostname(),
         )
+        return cls(info, store)
 
     def join(self) -> None:
         """Passes the gate as sync rank 0 and opens the transport; blocks until every engine worker joined."""
@@ -301,21 +470,23 @@ class SyncSender:
         rendezvous = {"master_address": self.info.host, "master_port": self.info.nccl_port}
         self._nccl = trainer_init(dict(rendezvous, world_size=self.info.world_size))
 
-    def send(self, buckets: Iterable[tuple[Bucket, dict[str, torch.Tensor]]]) -> None:
-        """Broadcasts each (bucket, its gathered tensors by name) in order; the tensors may be freed once the
+    def send(self, plan: SyncPlan, buckets: Iterable[tuple[Bucket, dict[str, torch.Tensor]]]) -> float:
+        """Sends each (bucket, its gathered tensors by name) of `plan` in order; the tensors may be freed once the
         iterator moves on (they are ZeRO-3 gathers).
+
+        Returns:
+            Seconds spent packing (CPU transports; NCCL packs in its producer: 0).
 
         Raises:
             RuntimeError: a broadcast failed (the group is then torn down, see `SyncGroup.broadcast`), or, with NCCL,
                 did not complete within the group's timeout (NCCL cannot see a dead peer).
         """
         if self._gloo is not None:
-            for bucket, tensors in buckets:
-                self._gloo.broadcast(pack_bucket(bucket, tensors, torch.device("cpu")))
-        elif self._nccl is not None:
+            return self._gloo.send(plan.buckets, buckets)
+        if self._nccl is not None:
             self._send_nccl(buckets)
-        else:
-            raise RuntimeError("weight sync: this group was torn down after a failure; join a new one")
+            return 0.0
+        raise RuntimeError("weight sync: this group was torn down after a failure; join a new one")
 
     def _send_nccl(self, buckets: Iterable[tuple[Bucket, dict[str, torch.Tensor]]]) -> None:
         from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer

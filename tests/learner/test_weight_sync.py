@@ -1,4 +1,5 @@
-"""Weight broadcast from the ZeRO-3 learner group to real vLLM engines (gloo on CPU).
+"""Weight broadcast from the ZeRO-3 learner group to real vLLM engines (on CPU: shared memory on the learner's node,
+gloo broadcast elsewhere).
 
 Correctness is checked against a reference engine built from scratch on the learner's consolidated weights (saved as
 a Hugging Face checkpoint): equal checksums of every parameter and buffer in vLLM's own layout, and equal greedy
@@ -7,6 +8,8 @@ outputs.
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import os
 import sys
 import time
@@ -15,6 +18,7 @@ import pytest
 import ray
 
 from learner import WeightSyncError, checkpoint
+from learner.weight_sync import SHM_DIR
 
 # The functions below run inside engine and learner actors, which cannot import this test module.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -38,6 +42,16 @@ def _in_workers(engine, fn) -> list:
     """`fn(worker)` in every vLLM worker of an engine actor (in its engine-core process), through AsyncLLM's own
     `collective_rpc`, which takes a function (`VLLMEngine.collective_rpc` takes method names)."""
     return ray.get(engine.__ray_call__.remote(lambda e: e._run(e.llm.collective_rpc(fn))))
+
+
+def _reads_shm(worker) -> bool:
+    return worker.weight_transfer_engine.group.reads_shm
+
+
+def _segments(learners) -> list[str]:
+    """The shared-memory segments of the learner group's current sync group that still have a name."""
+    name = ray.get(learners.learners[0].__ray_call__.remote(lambda learner: learner._sync.info.name))
+    return glob.glob(f"{SHM_DIR}/{name}-*")
 
 
 def _fail_second_load(worker) -> None:
@@ -77,6 +91,8 @@ def test_sync_gives_every_engine_the_learners_weights(learners_2, engines, make_
     learners_2.update(make_groups(2, seed=51))
     stats = learners_2.sync_weights(version=5)
     assert stats.full and stats.version == 5 and stats.nbytes > 0 and stats.load_s > 0
+    # Both engines share the learner's node: transport auto hands them the buckets through shared memory.
+    assert _in_workers(first, _reads_shm) == _in_workers(second, _reads_shm) == [True]
     assert ray.get([e.__ray_call__.remote(lambda self: self.policy_version) for e in (first, second)]) == [5, 5]
 
     path = learners_2.save_checkpoint(str(tmp_path), {}, keep_last=1)
@@ -101,9 +117,14 @@ def test_restarted_engine_gets_current_weights_when_the_group_is_recreated(learn
     current = _checksums(first)
     ray.get(second.rebuild.remote(str(tiny_model_dir)))  # restarted: back to the model directory's weights
     assert _checksums(second) != current
-    learners_2.init_weight_sync([first, second])
-    stats = learners_2.sync_weights(version=7)
-    assert stats.full
+    shared = learners_2.sync
+    learners_2.sync = dataclasses.replace(shared, transport="gloo")  # what engines on other nodes get
+    try:
+        learners_2.init_weight_sync([first, second])
+        stats = learners_2.sync_weights(version=7)
+    finally:
+        learners_2.sync = shared
+    assert stats.full and _in_workers(second, _reads_shm) == [False]
     assert _checksums(second) == current == _checksums(first)
 
 
@@ -185,12 +206,14 @@ def test_a_sync_that_fails_halfway_and_is_retried_leaves_every_engine_equal_to_t
     with pytest.raises(WeightSyncError) as failed:
         learners_2.sync_weights(version=21)
     assert set(failed.value.engine_errors) == {0, 1} and "injected" in failed.value.engine_errors[1]
+    assert not _segments(learners_2)  # the failed sync's shared-memory segment was unlinked
     # vLLM's layer-wise reload state was reset: every layer holds complete weights (none left on the meta device).
     assert all(len(out) > 0 for e in (first, second) for out in ray.get(e.greedy.remote(prompts)))
 
     learners_2.update(make_groups(2, seed=56))
     learners_2.init_weight_sync([first, second])
     assert learners_2.sync_weights(version=22).full
+    assert not _segments(learners_2)
     path = learners_2.save_checkpoint(str(tmp_path), {}, keep_last=1)
     ray.get(reference.rebuild.remote(f"{path}/{checkpoint.HF_DIR}"))
     expected = _checksums(reference)

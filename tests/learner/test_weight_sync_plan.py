@@ -1,14 +1,19 @@
-"""The bucket plan, packing, the engines' update infos, the gate and the gloo sync group, without DeepSpeed or vLLM."""
+"""The bucket plan, packing, the engines' update infos, the gate, the CPU sync group (shared memory and gloo) and the
+weight-sync settings, without DeepSpeed or vLLM."""
 
 from __future__ import annotations
 
+import glob
+import re
 import threading
 import time
 
 import pytest
 import torch
 
+from learner.config import WeightSyncConfig
 from learner.weight_sync import (
+    SHM_DIR,
     SyncGroup,
     SyncSender,
     bucket_from_info,
@@ -67,22 +72,41 @@ def test_update_infos_describe_the_plan_for_either_engine():
     assert nccl["shapes"] == [list(t.shape) for t in tensors.values()]
 
 
-def test_gloo_sync_group_broadcasts_buckets_from_rank_0():
+def _segments(info) -> list[str]:
+    """The names of a sync group's shared-memory segments that still exist."""
+    return glob.glob(f"{SHM_DIR}/{info.name}-*")
+
+
+@pytest.mark.parametrize(
+    ("transport", "nodes", "reads_shm"),
+    [
+        ("auto", (None, None), [True, True]),  # every member on the learner's node: shared memory only
+        ("gloo", (None, None), [False, False]),  # a gloo broadcast to every member
+        ("auto", (None, "elsewhere"), [True, False]),  # shared memory here, a gloo broadcast to the other node
+    ],
+)
+def test_sync_group_delivers_every_bucket_per_transport_and_leaves_no_segment(transport, nodes, reads_shm):
     tensors = _tensors()
     plan = plan_buckets([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], 2 * MiB, version=1, full=True)
-    sender = SyncSender.serve("127.0.0.1", world_size=3, backend="gloo", timeout_s=60, bucket_bytes=2 * MiB)
-    received: dict[int, dict[str, torch.Tensor]] = {1: {}, 2: {}}
+    sender = SyncSender.serve("127.0.0.1", 3, "gloo", timeout_s=60, bucket_bytes=2 * MiB, transport=transport)
+    received: dict[int, list[dict[str, torch.Tensor]]] = {1: [], 2: []}
+    modes: dict[int, bool] = {}
     errors: list[BaseException] = []
 
     def member(rank: int) -> None:
         try:
             store = connect(sender.info)
             gate(sender.info, rank, store)
-            group = SyncGroup(sender.info, rank, store)
-            for bucket in plan.buckets:
-                flat = torch.empty(bucket.numel, dtype=bucket.torch_dtype)
-                group.broadcast(flat)
-                received[rank].update((n, t.clone()) for n, t in unpack_bucket(bucket, flat))
+            group = SyncGroup(sender.info, rank, store, node=nodes[rank - 1])
+            modes[rank] = group.reads_shm
+            for _ in range(2):  # two syncs: the second reuses the first's segment
+                received[rank].append(
+                    {
+                        n: t.clone()
+                        for bucket, flat in group.receive(plan.buckets)
+                        for n, t in unpack_bucket(bucket, flat)
+                    }
+                )
         except BaseException as e:  # surfaced in the main thread below
             errors.append(e)
 
@@ -90,13 +114,88 @@ def test_gloo_sync_group_broadcasts_buckets_from_rank_0():
     for t in threads:
         t.start()
     sender.join()
-    sender.send((bucket, tensors) for bucket in plan.buckets)
+    sender.send(plan, ((bucket, tensors) for bucket in plan.buckets))
+    assert not _segments(sender.info)  # unlinked once the sync ended; the members keep their mappings
+    second = {n: t + 1 for n, t in tensors.items()}
+    sender.send(plan, ((bucket, second) for bucket in plan.buckets))
     for t in threads:
         t.join(timeout=60)
     sender.close()
     assert not errors
+    assert [modes[1], modes[2]] == reads_shm
     for rank in (1, 2):
-        assert all(torch.equal(received[rank][n], tensors[n]) for n in tensors)
+        first_sync, second_sync = received[rank]
+        assert all(torch.equal(first_sync[n], tensors[n]) for n in tensors)
+        assert all(torch.equal(second_sync[n], second[n]) for n in tensors)
+
+
+def test_a_member_that_fails_tears_the_group_down_and_no_segment_is_left():
+    tensors = _tensors()
+    plan = plan_buckets([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], 2 * MiB, version=1, full=True)
+    sender = SyncSender.serve("127.0.0.1", 3, "gloo", timeout_s=60, bucket_bytes=2 * MiB, transport="shm")
+    created: list[bool] = []
+    survivor: list[BaseException] = []
+
+    def member(rank: int) -> None:
+        store = connect(sender.info)
+        gate(sender.info, rank, store)
+        group = SyncGroup(sender.info, rank, store)
+        try:
+            for i, _ in enumerate(group.receive(plan.buckets)):
+                created.append(bool(_segments(sender.info)))
+                if rank == 2 and i == 1:  # loading the second bucket failed: this end leaves the group
+                    group.close()
+                    return
+        except RuntimeError as e:  # rank 1: the failure reached it too
+            survivor.append(e)
+
+    threads = [threading.Thread(target=member, args=(r,), daemon=True) for r in (1, 2)]
+    for t in threads:
+        t.start()
+    sender.join()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError):
+        sender.send(plan, ((bucket, tensors) for bucket in plan.buckets))
+    assert time.monotonic() - start < 30  # at once, not after the group's timeout
+    for t in threads:
+        t.join(timeout=60)
+    sender.close()
+    assert created and all(created) and not _segments(sender.info)
+    assert len(survivor) == 1
+
+
+def test_transport_shm_refuses_a_member_on_another_node():
+    sender = SyncSender.serve("127.0.0.1", 2, "gloo", timeout_s=5, bucket_bytes=MiB, transport="shm")
+    with pytest.raises(RuntimeError, match=r"weight_sync.transport=shm.*allowed values: \('auto', 'shm', 'gloo'\)"):
+        SyncGroup(sender.info, 1, connect(sender.info), node="elsewhere")
+    sender.close()
+
+
+@pytest.mark.parametrize(
+    ("config", "cuda", "message"),
+    [
+        (WeightSyncConfig(transport="tcp"), None, "weight_sync.transport='tcp' is not allowed: expected one of"),
+        (WeightSyncConfig(backend="nccl", transport="shm"), None, "weight_sync.transport='shm' is not allowed"),
+        (
+            WeightSyncConfig(backend="gloo"),
+            True,
+            "weight_sync.backend='gloo' is not allowed: expected 'auto' or 'nccl'",
+        ),
+        (
+            WeightSyncConfig(backend="nccl"),
+            False,
+            "weight_sync.backend='nccl' is not allowed: expected 'auto' or 'gloo'",
+        ),
+    ],
+)
+def test_weight_sync_settings_that_cannot_work_are_refused(config, cuda, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config.validate().resolved_backend(cuda) if cuda is not None else config.validate()
+
+
+def test_auto_backend_follows_the_learners_device():
+    assert WeightSyncConfig().resolved_backend(cuda=True) == "nccl"
+    assert WeightSyncConfig().resolved_backend(cuda=False) == "gloo"
 
 
 def test_the_gate_names_the_missing_ranks_after_its_timeout():
