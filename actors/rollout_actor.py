@@ -252,7 +252,7 @@ class RolloutActor:
         # Threads of a stream share the pool (sampling vs scoring and advancing episodes) and the stats.
         self._pool_lock = threading.Lock()
         # Held while weights change: no request is submitted between a pause and its resume, so every request's
-        # first version (and the engine's prompt salt) is that of the weights it starts on.
+        # prompt salt is that of the weights it starts on.
         self._weights_lock = threading.Lock()
         self._stats_lock = threading.Lock()  # guards every tally update and the engine clock
         # Set by stop_stream and cleared when a stream ends: a stop sent before its stream started is not lost.

@@ -40,6 +40,12 @@ def cluster(ray_local, tiny_model_dir):
         ray.kill(handle)
 
 
+@pytest.fixture(scope="module")
+def weights(tiny_model_dir):
+    """The tiny model's checkpoint weights, as the learner would push them."""
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).state_dict()
+
+
 def round_through_buffer(actor, buffer, num_states=None):
     """Runs one round on the actor; returns its stats and its groups as the learner would read them."""
     result = ray.get(actor.run_round.remote(num_states))
@@ -62,6 +68,7 @@ def test_groups_reach_the_buffer_with_g_responses_and_logprobs_and_match_an_inde
     for item, group, state in zip(items, groups, states, strict=True):
         assert (item.actor_id, item.game, item.state_id) == (f"rollout-{ACTOR_ID}", group.game, group.state_id)
         assert item.policy_version == group.policy_version == 0 and item.group_size == G
+        assert group.response_versions == [(0, 0)] * G  # every token sampled by the initial weights
         assert group.game == state.game_name and group.text_observation == state.text_observation
         assert np.array_equal(group.image, state.image)
         # the prompt ids are the templated prompt with its one image pad expanded to the board's patches
@@ -88,9 +95,8 @@ def test_groups_reach_the_buffer_with_g_responses_and_logprobs_and_match_an_inde
     assert set(stats.reward_mean_by_game) == {"2048", "swap"}
 
 
-def test_weights_pushed_through_ray_stamp_the_next_groups_with_their_version(cluster, tiny_model_dir):
+def test_weights_pushed_through_ray_stamp_the_next_groups_with_their_version(cluster, weights):
     actor, buffer = cluster
-    weights = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).state_dict()
     assert ray.get(actor.load_weights.remote(weights, 3))
     stats, items, groups = round_through_buffer(actor, buffer)
     assert stats.policy_version == 3
@@ -168,10 +174,9 @@ def test_stream_stalls_on_a_full_buffer_and_stops_after_pushing_its_requests_in_
     assert ray.get(actor.drain_stats.remote()) is None
 
 
-def test_a_weight_load_mid_stream_reaches_requests_in_flight_and_loses_no_group(cluster, tiny_model_dir):
+def test_a_weight_load_mid_stream_reaches_requests_in_flight_and_loses_no_group(cluster, weights):
     actor, buffer = cluster
     version, offered = ray.get(actor.get_policy_version.remote()), offered_by(buffer)
-    weights = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).state_dict()
     stream = actor.stream.remote(max_states_in_flight=4)
     _, before = read_groups(buffer, 2)  # streaming for real: requests are in flight now
     assert ray.get(actor.load_weights.remote(weights, version + 1))
