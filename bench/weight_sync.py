@@ -3,11 +3,13 @@
 For the tiny model and a ~106 M-parameter model of the same architecture (random weights, float32), it times syncs
 from a 2-rank ZeRO-3 learner group (every tensor sharded) to vLLM engines in Ray actors, through vLLM's
 weight-transfer lifecycle (the CPU engine of actors/weight_transfer.py), and prints per sync where the time goes: on
-learner rank 0 the ZeRO-3 gathers, the packing (into shared memory, or a buffer gloo sends) and the sending (which
-waits for the engines); in the slowest engine the waits for buckets (transfer), vLLM's layer-wise loading and its
-finalize; the wall time the driver sees and the achieved GB/s. Then, on the same weights, vLLM's own in-place reload
-alone (`reload_weights` from tensors already in the engine's process, the floor of any loading path), and this
-machine's memcpy GB/s, measured just before and just after each model's syncs (the mean: the machine may be shared).
+learner rank 0 the ZeRO-3 gathers, the packing and the sending (which waits for the engines); in the slowest engine
+the waits for buckets (transfer), vLLM's layer-wise loading and its finalize; the wall time the driver sees and the
+achieved GB/s. With shared memory (engines on the learner's node) there is no gather: every learner rank writes its
+own partitions into the segment the engines read, and that write is the "pack". Then, on the same weights, vLLM's
+own in-place reload alone (`reload_weights` from tensors already in the engine's process, the floor of any loading
+path), and this machine's memcpy GB/s, measured just before and just after each model's syncs (the mean: the machine
+may be shared).
 The last line is the summary for the larger model:
 
     weight_sync: params=... sync_s=... gbps=... memcpy_gbps=... memcpy_share=... reload_s=... vs_reload=...

@@ -42,7 +42,7 @@ from learner.batch import MicroBatch, Sample, collate, encode_groups, encode_sft
 from learner.config import GRPOConfig, LearnerConfig, WeightSyncConfig
 from learner.grpo import aggregate, behaviour_weights, entropy_from_logits, kl_penalty, policy_loss
 from learner.sft import SFTExample, sft_loss
-from learner.weight_sync import Bucket, SyncGroupInfo, SyncPlan, SyncSender, plan_buckets
+from learner.weight_sync import Bucket, SyncGroupInfo, SyncPlan, SyncSender, map_segment, plan_buckets, shm_layout
 from replay.trajectory import TrajectoryGroup
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class Learner:
         self.skipped_steps = 0  # optimizer steps skipped for non-finite gradients, over the whole run
         self._sync: SyncSender | None = None  # rank 0's end of the weight-sync group
         self._frozen_sent = False  # frozen parameters go to the engines once per sync group
+        self._segment: tuple[str, torch.Tensor] | None = None  # (path, mapping) of the sync group's shared segment
 
     @staticmethod
     def node_address() -> tuple[str, int]:
@@ -448,6 +449,7 @@ class Learner:
         host = self.node_address()[0]
         self._sync = SyncSender.serve(host, world_size, backend, sync.timeout_s, sync.bucket_mb * 2**20, sync.transport)
         self._frozen_sent = False
+        self._segment = None  # the old group's
         return self._sync.info
 
     def join_weight_sync(self) -> None:
@@ -465,7 +467,8 @@ class Learner:
         return plan_buckets(params, bucket_mb * 2**20, version, full)
 
     def broadcast_weights(self, plan: SyncPlan) -> dict[str, Any]:
-        """Every rank: gathers each bucket's ZeRO-3 shards; rank 0 packs and broadcasts them to the sync group.
+        """Every rank: gathers each bucket's ZeRO-3 shards; rank 0 packs and broadcasts them to the sync group. On
+        one node with shared memory, the ranks write their shards into it instead (`_write_partitions`).
 
         A failed broadcast (an engine died) tears the sync group down (see SyncGroup.broadcast), so that the
         surviving engines fail at once, and rank 0 goes on gathering without sending: the gathers are collectives of
@@ -478,8 +481,11 @@ class Learner:
             broadcast failed.
         """
         named = dict(self.engine.module.named_parameters())
-        gather_s = pack_s = 0.0
+        gather_s = 0.0
         error: str | None = None
+        start = time.perf_counter()
+        written = self._write_partitions(plan, named)
+        pack_s = time.perf_counter() - start
 
         def gathered() -> Iterator[tuple[Bucket, dict[str, torch.Tensor]]]:
             nonlocal gather_s
@@ -489,11 +495,10 @@ class Learner:
                     gather_s += time.perf_counter() - t0
                     yield bucket, {slot.name: named[slot.name].data for slot in bucket.slots}
 
-        buckets = gathered()
-        start = time.perf_counter()
+        buckets = ((bucket, None) for bucket in plan.buckets) if written else gathered()
         if self.rank == 0:
             try:
-                pack_s = self._sync.send(plan, buckets)
+                pack_s += self._sync.send(plan, buckets)
             except RuntimeError as e:  # the group tore itself down: later syncs fail until a new one forms
                 error = f"{type(e).__name__}: {e}"
         for _ in buckets:  # ranks > 0, and rank 0 after a failure: the rest of the gathers
@@ -503,6 +508,47 @@ class Learner:
             self.version = plan.version
             self._frozen_sent = self._frozen_sent or plan.full
         return {"gather_s": gather_s, "pack_s": pack_s, "broadcast_s": broadcast_s, "error": error}
+
+    def _write_partitions(self, plan: SyncPlan, named: dict[str, torch.nn.Parameter]) -> bool:
+        """Every rank: the ZeRO-3 gather through shared memory, where rank 0's sync group has a shared segment
+        (learner.weight_sync.SyncGroup) and every learner rank can map it (is on rank 0's node). Each rank copies its
+        own partition of every parameter of `plan` to where that part of the full tensor lies in the segment, all
+        ranks at once: the segment then holds every bucket, with no gather over gloo and no packing on rank 0.
+        DeepSpeed's partition r of a flattened parameter is its elements [r*P, (r+1)*P), P the padded partition size;
+        a persistent parameter (below `param_persistence_threshold`) is whole on every rank.
+
+        Returns:
+            Whether the partitions were written; False (on every rank) leaves the buckets to the usual gathers.
+        """
+        offer: list[tuple[str, int] | None] = [None]  # (path, generation) of rank 0's segment
+        if self.rank == 0:
+            try:
+                offer[0] = self._sync.prepare(plan)
+            except OSError as e:  # e.g. /dev/shm full: the gathers and rank 0's packing take over
+                logger.warning("weight sync: no shared segment for the learner ranks (%s); gathering instead", e)
+        dist.broadcast_object_list(offer, src=0)
+        if offer[0] is not None and (self._segment is None or self._segment[0] != offer[0][0]):
+            path = offer[0][0]  # a new segment: its name exists until the sync ends (unless not on this node)
+            self._segment = (path, map_segment(path)) if os.path.exists(path) else None
+        mapped = torch.tensor([offer[0] is not None and self._segment is not None], dtype=torch.int64)
+        dist.all_reduce(mapped, op=dist.ReduceOp.MIN)
+        if not mapped.item():
+            return False
+        segment = self._segment[1]
+        offsets, _ = shm_layout(plan.buckets)
+        for bucket, offset in zip(plan.buckets, offsets, strict=True):
+            flat = segment[offset : offset + bucket.nbytes].view(bucket.torch_dtype)
+            for slot in bucket.slots:
+                param = named[slot.name]
+                if getattr(param, "ds_persist", False):  # whole on every rank: rank 0 writes it
+                    part, begin, end = param.data.reshape(-1), 0, slot.numel if self.rank == 0 else 0
+                else:
+                    part = param.ds_tensor.reshape(-1)
+                    begin = min(self.rank * part.numel(), slot.numel)
+                    end = min(begin + part.numel(), slot.numel)
+                flat[slot.offset + begin : slot.offset + end].copy_(part[: end - begin])
+        dist.barrier()
+        return True
 
     # ----------------------------------------------------------------------------------------------- checkpoints
 

@@ -299,10 +299,22 @@ class SyncGroup:
         self._generation = 0  # of the mapped segment
         self._linked: str | None = None  # rank 0: the path of a segment whose name still exists
 
-    def send(self, buckets: Sequence[Bucket], gathered: Iterable[tuple[Bucket, dict[str, torch.Tensor]]]) -> float:
+    def prepare(self, buckets: Sequence[Bucket]) -> tuple[str, int] | None:
+        """Rank 0, before `send`: the shared segment that will carry a sync of `buckets` (laid out by `shm_layout`),
+        as (path, generation), so that other processes of this node can write the buckets into it themselves (see
+        `map_segment`); None where no member reads shared memory. The path exists until the sync ends."""
+        if not self.shm:
+            return None
+        self._create_segment(shm_layout(buckets)[1])
+        return self._segment_path(self._generation), self._generation
+
+    def send(
+        self, buckets: Sequence[Bucket], gathered: Iterable[tuple[Bucket, dict[str, torch.Tensor] | None]]
+    ) -> float:
         """Rank 0: packs and sends each (bucket, its tensors by name) of `gathered`, in the order of `buckets` (the
-        sync's plan); the tensors may be freed once the iterator moves on (they are ZeRO-3 gathers). Returns once
-        every member has received (shared memory: loaded) every bucket.
+        sync's plan); the tensors may be freed once the iterator moves on (they are ZeRO-3 gathers). Tensors None:
+        the bucket is in the segment of `prepare` already. Returns once every member has received (shared memory:
+        loaded) every bucket.
 
         Returns:
             Seconds spent packing.
@@ -318,7 +330,8 @@ class SyncGroup:
             for offset, (bucket, tensors) in zip(offsets, gathered, strict=True):
                 start = time.perf_counter()
                 flat = self._view(bucket, offset) if self.shm else torch.empty(bucket.numel, dtype=bucket.torch_dtype)
-                pack_into(bucket, tensors, flat)
+                if tensors is not None:
+                    pack_into(bucket, tensors, flat)
                 pack_s += time.perf_counter() - start
                 if self._payload is not None:
                     self._broadcast(flat)
@@ -396,9 +409,8 @@ class SyncGroup:
     def _attach(self, generation: int) -> None:
         """A member: maps rank 0's segment `generation` unless it already has it."""
         if generation != self._generation:
-            path = self._segment_path(generation)
             self._segment = None
-            self._segment = torch.from_file(path, shared=True, size=os.path.getsize(path), dtype=torch.uint8)
+            self._segment = map_segment(self._segment_path(generation))
             self._generation = generation
 
     def _view(self, bucket: Bucket, offset: int) -> torch.Tensor:
@@ -418,6 +430,11 @@ class SyncGroup:
         for group in {id(g): g for g in (self._gloo, self._payload) if g is not None}.values():
             group.abort()
         self._gloo = self._payload = None
+
+
+def map_segment(path: str) -> torch.Tensor:
+    """A shared segment (see `SyncGroup`) as a (nbytes,) uint8 tensor whose writes every process mapping it sees."""
+    return torch.from_file(path, shared=True, size=os.path.getsize(path), dtype=torch.uint8)
 
 
 class SyncSender:
@@ -470,9 +487,13 @@ class SyncSender:
         rendezvous = {"master_address": self.info.host, "master_port": self.info.nccl_port}
         self._nccl = trainer_init(dict(rendezvous, world_size=self.info.world_size))
 
-    def send(self, plan: SyncPlan, buckets: Iterable[tuple[Bucket, dict[str, torch.Tensor]]]) -> float:
-        """Sends each (bucket, its gathered tensors by name) of `plan` in order; the tensors may be freed once the
-        iterator moves on (they are ZeRO-3 gathers).
+    def prepare(self, plan: SyncPlan) -> tuple[str, int] | None:
+        """The shared segment of the next sync of `plan`, if the transport has one (see `SyncGroup.prepare`)."""
+        return self._gloo.prepare(plan.buckets) if self._gloo is not None else None
+
+    def send(self, plan: SyncPlan, buckets: Iterable[tuple[Bucket, dict[str, torch.Tensor] | None]]) -> float:
+        """Sends each (bucket, its gathered tensors by name, or None if written into the segment of `prepare`) of
+        `plan` in order; the tensors may be freed once the iterator moves on (they are ZeRO-3 gathers).
 
         Returns:
             Seconds spent packing (CPU transports; NCCL packs in its producer: 0).

@@ -91,8 +91,9 @@ def test_sync_gives_every_engine_the_learners_weights(learners_2, engines, make_
     learners_2.update(make_groups(2, seed=51))
     stats = learners_2.sync_weights(version=5)
     assert stats.full and stats.version == 5 and stats.nbytes > 0 and stats.load_s > 0
-    # Both engines share the learner's node: transport auto hands them the buckets through shared memory.
-    assert _in_workers(first, _reads_shm) == _in_workers(second, _reads_shm) == [True]
+    # Both engines share the learner's node: transport auto hands them the buckets through shared memory, which both
+    # learner ranks write their ZeRO-3 partitions into (no gather).
+    assert _in_workers(first, _reads_shm) == _in_workers(second, _reads_shm) == [True] and stats.gather_s == 0
     assert ray.get([e.__ray_call__.remote(lambda self: self.policy_version) for e in (first, second)]) == [5, 5]
 
     path = learners_2.save_checkpoint(str(tmp_path), {}, keep_last=1)
@@ -124,7 +125,7 @@ def test_restarted_engine_gets_current_weights_when_the_group_is_recreated(learn
         stats = learners_2.sync_weights(version=7)
     finally:
         learners_2.sync = shared
-    assert stats.full and _in_workers(second, _reads_shm) == [False]
+    assert stats.full and _in_workers(second, _reads_shm) == [False] and stats.gather_s > 0
     assert _checksums(second) == current == _checksums(first)
 
 
