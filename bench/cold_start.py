@@ -9,9 +9,10 @@ Five rows on the same seeds, all scored by launch/eval.py's `evaluate` (actors/p
     g0       RL from the tiny model (launch/train.py model=tiny, the RL budget)
     sft      the cold-started model alone (launch/sft.py: expert responses filtered by G1's rule, supervised)
     g1       RL from the cold-started model (the same RL budget as g0)
-G0 and G1 train with the same settings; only the starting weights differ. Responses may be as long as the expert's
-(`--max-new-tokens`, model=tiny_g1's 128), so both can write the full perception / think / answer convention. The cold
-start is model=tiny_g1's recipe (actors/models.py: 1,000 states, 2 epochs of batches of 8). Episodes are the paper
+G0 and G1 train with model=tiny_g1's RL settings (configs/model/tiny_g1.yaml: its learning rate, and responses as
+long as the expert's, so both can write the full perception / think / answer convention); only the starting weights
+differ: G0 starts from the cold start's base model, G1 from the cold-started one. The cold start is model=tiny_g1's
+recipe (actors/models.py: TINY_G1_COLD_START), with this game. Episodes are the paper
 protocol's 200 moves: over 100 moves from reset 2048 barely separates the expert from random play (8 seeds: 1,008 vs
 851), over 200 it does (2,483 vs 1,196), since random play fills the board and stalls only later.
 Prints the table, the SFT eval-loss and the RL reward curves, and ends with
@@ -22,6 +23,7 @@ Prints the table, the SFT eval-loss and the RL reward curves, and ends with
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -59,29 +61,37 @@ def print_curve(name: str, points: list[tuple[int, float]], rows: int = 10) -> N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--game", default="2048")
-    parser.add_argument("--states", type=int, default=1000, help="states the expert answers for the cold start")
-    parser.add_argument("--sft-epochs", type=int, default=2)
-    parser.add_argument("--sft-batch-size", type=int, default=8)
+    parser.add_argument("--states", type=int, help="states the expert answers (default: the recipe's)")
     parser.add_argument("--rl-minutes", type=float, default=4.0, help="wall-clock RL budget of g0 and of g1 each")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="response cap of RL and eval (G0 and G1)")
     parser.add_argument("--episodes", type=int, default=8)
     parser.add_argument("--max-steps", type=int, default=200, help="moves per evaluation episode (the paper's)")
     parser.add_argument("--output", default="runs/bench-cold-start")
     args = parser.parse_args()
 
+    import ray
+
+    from actors.models import TINY_G1_COLD_START, resolve_model
     from actors.policies import PolicyConfig, make_policy
+    from launch.config import compose, resolve
     from launch.eval import evaluate
+    from launch.sft import ensure_cold_start
     from learner import checkpoint
 
     out = (REPO / args.output / args.game).resolve()
-    game = [f"game={args.game}", "model=tiny"]
-    rl = [*game, "trainer.total_steps=100000", f"trainer.max_minutes={args.rl_minutes}"]
-    rl += [f"actors.max_new_tokens={args.max_new_tokens}", "checkpoint.every_steps=0"]
+    recipe = {o.split("=", 1)[0]: o for o in TINY_G1_COLD_START} | {"game": f"game={args.game}"}
+    if args.states:
+        recipe["collect.states"] = f"collect.states={args.states}"
+    base = resolve_model(recipe["model"].split("=", 1)[1]).path  # G0 starts here, and so does the cold start
+    rl = [f"game={args.game}", "model=tiny_g1", "trainer.total_steps=100000", f"trainer.max_minutes={args.rl_minutes}"]
+    rl += ["checkpoint.every_steps=0"]
+    max_tokens = resolve(compose(rl)).actors.max_new_tokens
 
-    sft_minutes = run("sft.py", [*game, f"collect.states={args.states}", f"sft.epochs={args.sft_epochs}",
-                                 f"sft.batch_size={args.sft_batch_size}", f"output_dir={out / 'sft'}"])  # fmt: skip
-    sft_hf = checkpoint.latest(out / "sft" / "checkpoints") / checkpoint.HF_DIR
-    g0_minutes = run("train.py", [*rl, f"output_dir={out / 'g0'}"])
+    # The cold start is model=tiny_g1's own cached build (for 2048 the very model `model=auto` starts from): built
+    # here when it is not cached yet; its minutes are the build's, recorded in the cache.
+    sft_hf = ensure_cold_start("tiny_g1" if args.game == "2048" else f"tiny_g1_{args.game}", list(recipe.values()))
+    ray.shutdown()  # the RL runs below start their own clusters
+    sft_minutes = json.loads((sft_hf / "cold_start.json").read_text())["build_minutes"]
+    g0_minutes = run("train.py", [*rl, f"model.path={base}", f"output_dir={out / 'g0'}"])
     g1_minutes = run("train.py", [*rl, f"model.path={sft_hf}", f"output_dir={out / 'g1'}"])
 
     players = {
@@ -93,7 +103,7 @@ def main() -> None:
     }
     results = {}
     for name, config in players.items():
-        config = PolicyConfig(**{**config.__dict__, "max_tokens": args.max_new_tokens, "max_model_len": 1024})
+        config = PolicyConfig(**{**config.__dict__, "max_tokens": max_tokens, "max_model_len": 1024})
         results[name] = evaluate(
             make_policy(config), args.game, episodes=args.episodes, max_steps=args.max_steps, out=out / "eval" / name
         )["mean"]
@@ -105,7 +115,7 @@ def main() -> None:
             f"{name:>8} {mean['score']:>8.1f} {1 - mean['invalid_rate']:>7.3f} {mean['format']:>7.3f} "
             f"{mean['perception']:>7.3f} {mean['length']:>7.1f}"
         )
-    print_curve("sft eval loss", scalars(out / "sft" / "tensorboard", "loss/sft_eval"))
+    print_curve("sft eval loss", scalars(sft_hf / "tensorboard", "loss/sft_eval"))
     for name in ("g0", "g1"):
         print_curve(f"{name} reward/game", scalars(out / name / "tensorboard", "reward/game"))
         print_curve(f"{name} reward/total", scalars(out / name / "tensorboard", "reward/total"))

@@ -324,8 +324,8 @@ def ensure_cold_start(
     Cached like the tiny model (`actors.tiny_model.cached_build`): keyed by a hash of the overrides, the base model's
     own cached directory (itself keyed by its builder), the sources and configs that collect and train, and the
     library versions; built in a private directory and renamed into place. The directory holds the checkpoint's
-    hf/ files, `cold_start.json` (the overrides, the dataset's counts) and the SFT's tensorboard/. Needs Ray (joins
-    the running cluster or starts a local one, as launch/sft.py does).
+    hf/ files, `cold_start.json` (the overrides, the dataset's counts, `build_minutes`) and the SFT's tensorboard/.
+    Needs Ray (joins the running cluster or starts a local one, as launch/sft.py does).
 
     Args:
         name: the cache entry's name, e.g. "tiny_g1".
@@ -359,10 +359,11 @@ def ensure_cold_start(
         for file in (ckpt / checkpoint.HF_DIR).iterdir():
             file.rename(out / file.name)
         (run_dir / "tensorboard").rename(out / "tensorboard")
-        stats = {"overrides": list(overrides), **read_stats(run_dir / "dataset")}
+        minutes = (time.perf_counter() - start) / 60
+        stats = {"overrides": list(overrides), "build_minutes": round(minutes, 2), **read_stats(run_dir / "dataset")}
         (out / "cold_start.json").write_text(json.dumps(stats, indent=2))
         shutil.rmtree(run_dir)
-        print(f"model {name}: built in {(time.perf_counter() - start) / 60:.1f} min, cached at {out.parent}")
+        print(f"model {name}: built in {minutes:.1f} min, cached at {out.parent}")
 
     return cached_build(name, digest.hexdigest(), build, cache_dir)
 
