@@ -29,6 +29,7 @@ worker processes and uses the same plan and unpacking code.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import socket
 import threading
@@ -47,6 +48,7 @@ from learner.config import TRANSPORTS
 # vLLM's packed NCCL transfer double-buffers; both ends must agree on the count.
 NCCL_PACKED_BUFFERS = 2
 SHM_DIR = "/dev/shm"
+SEGMENT_PREFIX = "weight-sync-"  # then rank 0's process id, the group's id and the segment's generation
 _SHM_ALIGN = 64  # bytes: every bucket's offset in a shared segment, so that any dtype's view is aligned
 
 
@@ -432,6 +434,20 @@ class SyncGroup:
         self._gloo = self._payload = None
 
 
+def _remove_orphaned_segments() -> None:
+    """Unlinks the shared segments of this node whose rank 0 process is gone: a learner killed in the middle of a sync
+    (SIGKILL runs no cleanup) leaves its segment's name behind. Names carry that process's id (`SyncSender.serve`)."""
+    for path in glob.glob(f"{SHM_DIR}/{SEGMENT_PREFIX}*"):
+        pid = path.removeprefix(f"{SHM_DIR}/{SEGMENT_PREFIX}").split("-")[0]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        except (ValueError, PermissionError):  # not one of ours, or another user's live process
+            pass
+
+
 def map_segment(path: str) -> torch.Tensor:
     """A shared segment (see `SyncGroup`) as a (nbytes,) uint8 tensor whose writes every process mapping it sees."""
     return torch.from_file(path, shared=True, size=os.path.getsize(path), dtype=torch.uint8)
@@ -459,7 +475,8 @@ class SyncSender:
             host, 0, world_size, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
         )
         nccl_port = _free_port(host) if backend == "nccl" else 0
-        name = f"weight-sync-{uuid.uuid4().hex[:12]}"
+        _remove_orphaned_segments()
+        name = f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         info = SyncGroupInfo(
             host,
             store.port,

@@ -4,7 +4,9 @@ weight-sync settings, without DeepSpeed or vLLM."""
 from __future__ import annotations
 
 import glob
+import os
 import re
+import subprocess
 import threading
 import time
 
@@ -13,6 +15,7 @@ import torch
 
 from learner.config import WeightSyncConfig
 from learner.weight_sync import (
+    SEGMENT_PREFIX,
     SHM_DIR,
     SyncGroup,
     SyncSender,
@@ -162,6 +165,24 @@ def test_a_member_that_fails_tears_the_group_down_and_no_segment_is_left():
         t.join(timeout=60)
     sender.close()
     assert created and all(created) and len(survivor) == 1
+
+
+def test_a_new_group_removes_the_segments_of_a_killed_learner():
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its id now names no process
+    orphan, live = (
+        f"{SHM_DIR}/{SEGMENT_PREFIX}{dead.pid}-0123456789ab-1",
+        f"{SHM_DIR}/{SEGMENT_PREFIX}{os.getpid()}-x-1",
+    )
+    for path in (orphan, live):
+        open(path, "wb").close()
+    try:
+        SyncSender.serve("127.0.0.1", 2, "gloo", timeout_s=5, bucket_bytes=MiB).close()
+        assert not os.path.exists(orphan) and os.path.exists(live)
+    finally:
+        for path in (orphan, live):
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 def test_transport_shm_refuses_a_member_on_another_node():
