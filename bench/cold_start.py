@@ -2,6 +2,7 @@
 
     .venv/bin/python -P bench/cold_start.py --game 2048
     .venv/bin/python -P bench/cold_start.py --game swap --rl-minutes 3 --states 1000
+    .venv/bin/python -P bench/cold_start.py --game 2048 weight_sync.transport=gloo   # RL overrides, G0 and G1 alike
 
 Five rows on the same seeds, all scored by launch/eval.py's `evaluate` (actors/policies.py players):
     random   a uniformly random legal move
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=8)
     parser.add_argument("--max-steps", type=int, default=200, help="moves per evaluation episode (the paper's)")
     parser.add_argument("--output", default="runs/bench-cold-start")
+    parser.add_argument("overrides", nargs="*", help="more launch/train.py overrides for G0 and G1 alike")
     args = parser.parse_args()
 
     import ray
@@ -83,7 +85,7 @@ def main() -> None:
         recipe["collect.states"] = f"collect.states={args.states}"
     base = resolve_model(recipe["model"].split("=", 1)[1]).path  # G0 starts here, and so does the cold start
     rl = [f"game={args.game}", "model=tiny_g1", "trainer.total_steps=100000", f"trainer.max_minutes={args.rl_minutes}"]
-    rl += ["checkpoint.every_steps=0"]
+    rl += ["checkpoint.every_steps=0", *args.overrides]
     max_tokens = resolve(compose(rl)).actors.max_new_tokens
 
     # The cold start is model=tiny_g1's own cached build (for 2048 the very model `model=auto` starts from): built
