@@ -539,13 +539,11 @@ class Learner:
         for bucket, offset in zip(plan.buckets, offsets, strict=True):
             flat = segment[offset : offset + bucket.nbytes].view(bucket.torch_dtype)
             for slot in bucket.slots:
-                param = named[slot.name]
-                if getattr(param, "ds_persist", False):  # whole on every rank: rank 0 writes it
-                    part, begin, end = param.data.reshape(-1), 0, slot.numel if self.rank == 0 else 0
-                else:
-                    part = param.ds_tensor.reshape(-1)
-                    begin = min(self.rank * part.numel(), slot.numel)
-                    end = min(begin + part.numel(), slot.numel)
+                # Every parameter, persistent ones included, keeps this rank's partition in ds_tensor (a persistent
+                # one's `data` is empty until its first gather: the sync before the first step must not read it).
+                part = named[slot.name].ds_tensor.reshape(-1)
+                begin = min(self.rank * part.numel(), slot.numel)
+                end = min(begin + part.numel(), slot.numel)
                 flat[slot.offset + begin : slot.offset + end].copy_(part[: end - begin])
         dist.barrier()
         return True
