@@ -3,7 +3,8 @@
 - the replay buffer actor killed (Ray restarts it, empty): the rollout actors and the driver carry on, its death is not
   taken for a rollout actor's, and the groups it held are counted lost once;
 - an async run with two streaming actors conserves groups: every group made is trained, dropped (counted), lost
-  (counted) or still held at the end.
+  (counted) or still held at the end; resumed from its checkpoint, it continues at the same step and version and
+  trains on (the learner tests check that a resume restores weights and optimizer bit for bit).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from train_runs import tensorboard_scalars
 from launch import cluster
 from launch.rollouts import RolloutDriver
 from launch.train import load_config
+from learner import checkpoint
 
 # The smallest batch that still has two actors' worth of rounds: 2 groups of 2 short responses.
 TINY = [*SMALL, "trainer.groups_per_step=2", "actors.states_per_round=2", "actors.group_size=2"]
@@ -66,12 +68,14 @@ def test_a_killed_buffer_restarts_empty_and_only_its_groups_are_lost(ray_local, 
     assert driver.counters()["faults/lost_groups"] == 2.0
 
 
-def test_async_run_with_two_streaming_actors_conserves_groups(ray_cluster, tmp_path):
+def test_async_run_conserves_groups_and_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+    from safetensors.torch import load_file
+
     cluster_ = ray_cluster(num_cpus=4)
     out = tmp_path / "run"
-    steps = 3
-    args = [*SMALL, "actors.num=2", "trainer.mode=async", "buffer.max_staleness=2", f"trainer.total_steps={steps}"]
-    run = run_train([*args, f"output_dir={out}"], env=cluster_.env)
+    steps = 3  # checkpoints at step 2 (checkpoint.every_steps) and at the last step
+    args = [*SMALL, "actors.num=2", "trainer.mode=async", "buffer.max_staleness=2", f"output_dir={out}"]
+    run = run_train([*args, f"trainer.total_steps={steps}"], env=cluster_.env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     ledger = dict(re.findall(r"(made|taken|dropped|lost|held)=(\d+)", run.stdout.split("groups:")[-1]))
@@ -81,3 +85,13 @@ def test_async_run_with_two_streaming_actors_conserves_groups(ray_cluster, tmp_p
     scalars = tensorboard_scalars(out / "tensorboard")
     assert [step for step, _ in scalars["reward/total"]] == list(range(1, steps + 1))
     assert all(0 <= value <= 2 for _, value in scalars["buffer/staleness"])  # max_staleness bounds every batch
+    saved = load_file(checkpoint.path_for(out / "checkpoints", steps) / "hf" / "model.safetensors")
+
+    resumed = run_train([*args, f"trainer.total_steps={steps + 1}", "trainer.resume=true"], env=cluster_.env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and f"step {steps}, policy version {steps}" in resumed.stdout
+    scalars = tensorboard_scalars(out / "tensorboard")
+    assert sorted({step for step, _ in scalars["reward/total"]}) == list(range(1, steps + 2))
+    final = load_file(checkpoint.path_for(out / "checkpoints", steps + 1) / "hf" / "model.safetensors")
+    assert final.keys() == saved.keys()
+    assert any(not (final[k] == saved[k]).all() for k in saved)  # it trained on from the checkpoint
