@@ -46,6 +46,8 @@ class RolloutConfig:
             graphs make decoding faster).
         max_model_len: prompt + response length the engine is built for; None = the model's own limit.
         dtype: weights' dtype in the engine.
+        weight_transfer: the engine's weight-transfer engine: `auto` (vLLM's NCCL engine on GPU, the project's gloo
+            engine on CPU), `gloo` or `nccl`; a training run copies it from `weight_sync.backend`.
     """
 
     num: int = 1
@@ -61,6 +63,7 @@ class RolloutConfig:
     enforce_eager: bool | None = None
     max_model_len: int | None = 4096
     dtype: str = "auto"
+    weight_transfer: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,6 +74,8 @@ class RolloutConfig:
             value = getattr(self, key)
             _check(_is_int(value) and value >= 1, key, "an integer >= 1", value)
         _check(_is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        transfers = ("auto", "gloo", "nccl")
+        _check(self.weight_transfer in transfers, "weight_transfer", ", ".join(transfers), self.weight_transfer)
         _check(_is_number(self.temperature) and self.temperature > 0, "temperature", "a number > 0", self.temperature)
         # vLLM reports log-probs after top-p's renormalisation, which the learner does not reproduce: its ratios and
         # importance weights would then compare two different distributions.

@@ -58,11 +58,13 @@ WORKER_EXTENSION = "actors.vllm_worker_ext.WeightSyncExtension"
 GIB = 1 << 30
 
 
-def transfer_backend() -> str:
-    """The weight-transfer engine of this node's vLLM workers: vLLM's NCCL engine, or the project's gloo engine
-    where there is no GPU (actors/weight_transfer.py)."""
+def transfer_backend(configured: str = "auto") -> str:
+    """The weight-transfer engine of this node's vLLM workers: `configured` (RolloutConfig.weight_transfer) unless
+    `auto`, which is vLLM's NCCL engine on GPU and the project's gloo engine on CPU (actors/weight_transfer.py)."""
     from vllm.platforms import current_platform
 
+    if configured != "auto":
+        return configured
     return "gloo" if current_platform.is_cpu() else "nccl"
 
 
@@ -110,6 +112,7 @@ class VLLMEngine:
 
         source = on_this_node(model) if isinstance(model, ModelSource) else ModelSource("local", str(Path(model)))
         on_cpu = current_platform.is_cpu()
+        self.transfer_backend = transfer_backend(config.weight_transfer)
         kwargs: dict[str, Any] = dict(
             model=source.path,
             tensor_parallel_size=config.tp,
@@ -119,7 +122,7 @@ class VLLMEngine:
             max_model_len=config.max_model_len,
             logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
-            weight_transfer_config={"backend": transfer_backend()},  # vLLM's WeightTransferConfig
+            weight_transfer_config={"backend": self.transfer_backend},  # vLLM's WeightTransferConfig
             limit_mm_per_prompt={"image": 1, "video": 0},
             load_format="dummy" if source.random_weights else "auto",
             disable_log_stats=True,
@@ -274,7 +277,7 @@ class VLLMEngine:
         start = time.perf_counter()
         try:
             self.collective_rpc("start_weight_update")
-            self.collective_rpc("update_weights", kwargs={"update_info": update_info(plan, transfer_backend())})
+            self.collective_rpc("update_weights", kwargs={"update_info": update_info(plan, self.transfer_backend)})
             self.collective_rpc("finish_weight_update")
         except BaseException:
             self.collective_rpc("abort_weight_update")

@@ -253,7 +253,10 @@ def resolve(cfg: DictConfig | Mapping[str, Any]) -> TrainConfig:
     games = _games(raw.get("game") or {}, raw.get("reward") or {})
     pool = _build(PoolConfig, {"seed": seed, **(raw.get("pool") or {})}, "pool", games=games)
     trainer = _build(TrainerConfig, raw.get("trainer"), "trainer")
-    actors = _build(RolloutConfig, {"seed": seed, **(raw.get("actors") or {})}, "actors")
+    weight_sync = _build(WeightSyncConfig, raw.get("weight_sync"), "weight_sync")
+    # The engines load weights with the learner's transport (weight_sync.backend: gloo also beside a GPU learner).
+    actors_raw = {"seed": seed, **(raw.get("actors") or {}), "weight_transfer": weight_sync.backend}
+    actors = _build(RolloutConfig, actors_raw, "actors")
     learner = _build(
         LearnerConfig,
         {
@@ -274,7 +277,7 @@ def resolve(cfg: DictConfig | Mapping[str, Any]) -> TrainConfig:
         actors=actors,
         learner=learner,
         grpo=_build(GRPOConfig, raw.get("grpo"), "grpo"),
-        weight_sync=_build(WeightSyncConfig, raw.get("weight_sync"), "weight_sync"),
+        weight_sync=weight_sync,
         checkpoint=_build(CheckpointConfig, raw.get("checkpoint"), "checkpoint"),
         buffer=_build(BufferConfig, _buffer_section(raw, actors, trainer), "buffer"),
         trainer=trainer,

@@ -180,12 +180,15 @@ class WeightSyncConfig:
         return self
 
     def resolved_backend(self, cuda: bool) -> str:
-        """The backend for a learner on CUDA or not; the other one cannot work (the engines beside a GPU learner use
-        vLLM's NCCL engine, CPU engines the gloo one, and a CPU learner has no NCCL)."""
-        device, backend = ("cuda", "nccl") if cuda else ("cpu", "gloo")
-        allowed = f"'auto' or '{backend}' with a {device} learner"
-        _require(self.backend in ("auto", backend), "weight_sync.backend", allowed, self.backend)
-        return backend
+        """The backend for a learner on CUDA or not. `auto` is NCCL on CUDA (vLLM's NCCL engine in the engines),
+        gloo on CPU (the project's engine). A GPU learner may also take gloo: the weights then go through host memory
+        (shared memory on the learner's node), e.g. on one GPU that the learner and an engine share, where NCCL
+        refuses two ranks on one device. A CPU learner has no NCCL."""
+        allowed = ("auto", "nccl", "gloo") if cuda else ("auto", "gloo")
+        names = ", ".join(f"'{name}'" for name in allowed)
+        _require(self.backend in allowed, "weight_sync.backend", f"{names} with a {'cuda' if cuda else 'cpu'} learner",
+                 self.backend)  # fmt: skip
+        return ("nccl" if cuda else "gloo") if self.backend == "auto" else self.backend
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ def run_train(args: list[str], env: dict | None = None, timeout: int = 600) -> s
         (["game=2048", "+game.2048.difficulty.icon_style=ascii"], ["icon_style", "'glyph', 'texture', 'photo'"]),
         (["learner.num=2", "trainer.groups_per_step=3"], ["trainer.groups_per_step", "learner.num"]),
         (["buffer.capacity=8"], ["buffer.capacity", "trainer.groups_per_step"]),
+        (["weight_sync.backend=tcp"], ["weight_sync.backend", "'auto', 'gloo', 'nccl'"]),  # not the engines' copy
     ],
 )
 def test_bad_config_names_the_key_and_the_allowed_values(overrides, names):
@@ -90,7 +91,7 @@ def test_bad_config_names_the_key_and_the_allowed_values(overrides, names):
 # training loop passes trainer.round_timeout_s).
 DERIVED = {
     "pool": {"games", "seed"},
-    "actors": {"seed"},
+    "actors": {"seed", "weight_transfer"},
     "learner": {"seed", "model_dir", "max_response_len", "temperature"},
     "buffer": {"get_timeout_s"},
 }

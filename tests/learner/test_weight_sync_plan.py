@@ -198,14 +198,9 @@ def test_transport_shm_refuses_a_member_on_another_node():
         (WeightSyncConfig(transport="tcp"), None, "weight_sync.transport='tcp' is not allowed: expected one of"),
         (WeightSyncConfig(backend="nccl", transport="shm"), None, "weight_sync.transport='shm' is not allowed"),
         (
-            WeightSyncConfig(backend="gloo"),
-            True,
-            "weight_sync.backend='gloo' is not allowed: expected 'auto' or 'nccl'",
-        ),
-        (
             WeightSyncConfig(backend="nccl"),
             False,
-            "weight_sync.backend='nccl' is not allowed: expected 'auto' or 'gloo'",
+            "weight_sync.backend='nccl' is not allowed: expected 'auto', 'gloo' with a cpu learner",
         ),
     ],
 )
@@ -214,9 +209,10 @@ def test_weight_sync_settings_that_cannot_work_are_refused(config, cuda, message
         config.validate().resolved_backend(cuda) if cuda is not None else config.validate()
 
 
-def test_auto_backend_follows_the_learners_device():
+def test_auto_backend_follows_the_learners_device_and_a_gpu_learner_may_take_gloo():
     assert WeightSyncConfig().resolved_backend(cuda=True) == "nccl"
     assert WeightSyncConfig().resolved_backend(cuda=False) == "gloo"
+    assert WeightSyncConfig(backend="gloo").resolved_backend(cuda=True) == "gloo"  # one GPU shared (gpu_smoke.sh)
 
 
 def test_the_gate_names_the_missing_ranks_after_its_timeout():
