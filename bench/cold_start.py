@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -93,6 +94,8 @@ def main() -> None:
     sft_hf = ensure_cold_start("tiny_g1" if args.game == "2048" else f"tiny_g1_{args.game}", list(recipe.values()))
     ray.shutdown()  # the RL runs below start their own clusters
     sft_minutes = json.loads((sft_hf / "cold_start.json").read_text())["build_minutes"]
+    for name in ("g0", "g1", "eval"):  # a rerun's TensorBoard curves must not append to the last run's
+        shutil.rmtree(out / name, ignore_errors=True)
     g0_minutes = run("train.py", [*rl, f"model.path={base}", f"output_dir={out / 'g0'}"])
     g1_minutes = run("train.py", [*rl, f"model.path={sft_hf}", f"output_dir={out / 'g1'}"])
 
