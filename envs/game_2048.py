@@ -202,7 +202,8 @@ class Game2048(Game):
         action = max(values, key=values.get)
         # Short on purpose: the legal moves (what a small model must read off the board to answer validly) and the
         # choice; a longer account (empty cells, the largest tile's corner) doubled the response the tiny model
-        # learns and samples (72 think tokens, not 36) without making its play better (bench/cold_start.py).
+        # learns and samples (72 think tokens, not 36), and it read the board no better for it (held-out cells read
+        # right after 300 SFT steps: 0.43 with the long account, 0.46 with this one).
         gained = moves[action][1]
         merge = f"merging tiles for +{gained}" if gained else "merging nothing"
         legal = ", ".join(ACTIONS[a] for a in sorted(moves))
