@@ -158,8 +158,9 @@ class WeightSyncConfig:
     """Learner updates between two syncs (sync mode: 1)."""
     backend: str = "auto"
     """Transport: 'gloo' (CPU: the project's engine, actors/weight_transfer.py), 'nccl' (GPU: vLLM's NCCL
-    weight-transfer engine) or 'auto' (nccl when the learner sees CUDA). Engines pick theirs from their device, so
-    the backend must be the one of the learner's device (checked at start-up, `resolved_backend`)."""
+    weight-transfer engine) or 'auto' (nccl when the learner sees CUDA); gloo also beside a GPU learner (one GPU shared
+    with an engine). The engines' vLLM transfer engine follows it (`RolloutConfig.weight_transfer`); a CPU learner
+    with nccl is refused at start-up (`resolved_backend`)."""
     transport: str = "auto"
     """With the gloo backend: 'auto' (engines on the learner's node read each bucket from shared memory under /dev/shm,
     engines elsewhere get a gloo broadcast), 'shm' (every engine must be on the learner's node) or 'gloo' (broadcast

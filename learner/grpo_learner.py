@@ -514,8 +514,8 @@ class Learner:
         (learner.weight_sync.SyncGroup) and every learner rank can map it (is on rank 0's node). Each rank copies its
         own partition of every parameter of `plan` to where that part of the full tensor lies in the segment, all
         ranks at once: the segment then holds every bucket, with no gather over gloo and no packing on rank 0.
-        DeepSpeed's partition r of a flattened parameter is its elements [r*P, (r+1)*P), P the padded partition size;
-        a persistent parameter (below `param_persistence_threshold`) is whole on every rank.
+        DeepSpeed's partition r of a flattened parameter is its elements [r*P, (r+1)*P), P the padded partition size,
+        held in `ds_tensor` by every parameter, persistent ones (below `param_persistence_threshold`) included.
 
         Returns:
             Whether the partitions were written; False (on every rank) leaves the buckets to the usual gathers.
