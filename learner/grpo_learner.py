@@ -42,7 +42,7 @@ from learner.batch import MicroBatch, Sample, collate, encode_groups, encode_sft
 from learner.config import GRPOConfig, LearnerConfig, WeightSyncConfig
 from learner.grpo import aggregate, behaviour_weights, entropy_from_logits, kl_penalty, policy_loss
 from learner.sft import SFTExample, sft_loss
-from learner.weight_sync import Bucket, SyncGroupInfo, SyncPlan, SyncSender, map_segment, plan_buckets, shm_layout
+from learner.weight_sync import Bucket, SyncGroupInfo, SyncPlan, SyncSender, map_segment, plan_buckets
 from replay.trajectory import TrajectoryGroup
 
 logger = logging.getLogger(__name__)
@@ -535,7 +535,7 @@ class Learner:
         if not mapped.item():
             return False
         segment = self._segment[1]
-        offsets, _ = shm_layout(plan.buckets)
+        offsets, _ = plan.layout
         for bucket, offset in zip(plan.buckets, offsets, strict=True):
             flat = segment[offset : offset + bucket.nbytes].view(bucket.torch_dtype)
             for slot in bucket.slots:

@@ -38,6 +38,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -100,6 +101,12 @@ class SyncPlan:
     @property
     def names(self) -> list[str]:
         return [s.name for b in self.buckets for s in b.slots]
+
+    @cached_property
+    def layout(self) -> tuple[list[int], int]:
+        """`shm_layout` of the buckets, worked out once per plan: a sync's sender, its segment and every learner
+        rank that writes into it read the same layout."""
+        return shm_layout(self.buckets)
 
 
 def plan_buckets(
@@ -301,22 +308,20 @@ class SyncGroup:
         self._generation = 0  # of the mapped segment
         self._linked: str | None = None  # rank 0: the path of a segment whose name still exists
 
-    def prepare(self, buckets: Sequence[Bucket]) -> tuple[str, int] | None:
-        """Rank 0, before `send`: the shared segment that will carry a sync of `buckets` (laid out by `shm_layout`),
-        as (path, generation), so that other processes of this node can write the buckets into it themselves (see
+    def prepare(self, plan: SyncPlan) -> tuple[str, int] | None:
+        """Rank 0, before `send`: the shared segment that will carry a sync of `plan` (laid out by `plan.layout`), as
+        (path, generation), so that other processes of this node can write the buckets into it themselves (see
         `map_segment`); None where no member reads shared memory. The path exists until the sync ends."""
         if not self.shm:
             return None
-        self._create_segment(shm_layout(buckets)[1])
+        self._create_segment(plan.layout[1])
         return self._segment_path(self._generation), self._generation
 
-    def send(
-        self, buckets: Sequence[Bucket], gathered: Iterable[tuple[Bucket, dict[str, torch.Tensor] | None]]
-    ) -> float:
-        """Rank 0: packs and sends each (bucket, its tensors by name) of `gathered`, in the order of `buckets` (the
-        sync's plan); the tensors may be freed once the iterator moves on (they are ZeRO-3 gathers). Tensors None:
-        the bucket is in the segment of `prepare` already. Returns once every member has received (shared memory:
-        loaded) every bucket.
+    def send(self, plan: SyncPlan, gathered: Iterable[tuple[Bucket, dict[str, torch.Tensor] | None]]) -> float:
+        """Rank 0: packs and sends each (bucket, its tensors by name) of `gathered`, in the order of the plan's
+        buckets; the tensors may be freed once the iterator moves on (they are ZeRO-3 gathers). Tensors None: the
+        bucket is in the segment of `prepare` already. Returns once every member has received (shared memory: loaded)
+        every bucket.
 
         Returns:
             Seconds spent packing.
@@ -324,7 +329,7 @@ class SyncGroup:
         Raises:
             RuntimeError: a collective failed (the group is then torn down), or this group was torn down.
         """
-        offsets, size = shm_layout(buckets)
+        offsets, size = plan.layout
         pack_s = 0.0
         try:
             if self.shm:
@@ -406,7 +411,7 @@ class SyncGroup:
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
-        self._segment = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        self._segment = map_segment(path)
 
     def _attach(self, generation: int) -> None:
         """A member: maps rank 0's segment `generation` unless it already has it."""
@@ -506,7 +511,7 @@ class SyncSender:
 
     def prepare(self, plan: SyncPlan) -> tuple[str, int] | None:
         """The shared segment of the next sync of `plan`, if the transport has one (see `SyncGroup.prepare`)."""
-        return self._gloo.prepare(plan.buckets) if self._gloo is not None else None
+        return self._gloo.prepare(plan) if self._gloo is not None else None
 
     def send(self, plan: SyncPlan, buckets: Iterable[tuple[Bucket, dict[str, torch.Tensor] | None]]) -> float:
         """Sends each (bucket, its gathered tensors by name, or None if written into the segment of `prepare`) of
@@ -520,7 +525,7 @@ class SyncSender:
                 did not complete within the group's timeout (NCCL cannot see a dead peer).
         """
         if self._gloo is not None:
-            return self._gloo.send(plan.buckets, buckets)
+            return self._gloo.send(plan, buckets)
         if self._nccl is not None:
             self._send_nccl(buckets)
             return 0.0

@@ -80,8 +80,8 @@ def _learner_group(model_dir, num_learners: int, sync_timeout_s: float = 600.0, 
         lr=1e-2,  # large enough that one step visibly changes a random tiny model's greedy outputs
         micro_batch_size=3,
         gradient_checkpointing=True,
-        param_persistence_threshold=0,  # shard every tensor, however small: the test must exercise ZeRO-3
-        **overrides,
+        # 0: shard every tensor, however small (the test must exercise ZeRO-3), unless a test overrides it.
+        **{"param_persistence_threshold": 0, **overrides},
     )
     # Two optimizer steps per update (old log-probs precomputed), the paper's KL term (a reference model) and an
     # entropy bonus: every loss path runs in the shared worlds.

@@ -16,6 +16,8 @@ import time
 
 import pytest
 import ray
+import torch
+from safetensors.torch import load_file
 
 from learner import WeightSyncError, checkpoint
 from learner.weight_sync import SHM_DIR
@@ -176,12 +178,26 @@ def test_a_group_with_a_dead_engine_fails_to_form_and_the_next_one_forms(
         learners.shutdown()
 
 
-def test_frozen_vision_is_sent_once_and_engines_keep_it(new_learner_group, engines, make_groups, tmp_path):
+def test_the_first_sync_precedes_any_forward_pass_and_frozen_vision_is_sent_once(
+    new_learner_group, engines, make_groups, tiny_model_dir, tmp_path
+):
+    """A run's first sync comes before its first step, so before any forward pass. ZeRO-3's persistent parameters
+    (below param_persistence_threshold: whole on every rank once gathered) then have an empty `data`, and the learner
+    must read every rank's partition from `ds_tensor` (reading `data` failed that sync: 'size of tensor a (75264)
+    must match the size of tensor b (0)'). Frozen (vision) parameters go in that first sync only; the engines keep
+    them."""
     first, _, reference = engines
-    frozen = new_learner_group(1, freeze_vision=True)
+    initial = load_file(tiny_model_dir / "model.safetensors")  # the learner's weights before its first step
+    ray.get(first.load_weights.remote(initial))
+    expected = _checksums(first)
+    ray.get(first.load_weights.remote({name: torch.zeros_like(tensor) for name, tensor in initial.items()}))
+    assert _checksums(first) != expected
+    # DeepSpeed's own persistence threshold (the shared groups shard every tensor): the tiny model has persistent ones.
+    frozen = new_learner_group(1, freeze_vision=True, param_persistence_threshold=None)
     try:
         frozen.init_weight_sync([first])
         full = frozen.sync_weights(version=1)
+        assert full.gather_s == 0 and _checksums(first) == expected  # every partition went through shared memory
         frozen.update(make_groups(1, seed=60))
         partial = frozen.sync_weights(version=2)
         state = frozen.consolidated_state_dict()
