@@ -36,6 +36,7 @@ COLOURS: list[tuple[str, tuple[int, int, int]]] = [
 ]
 SHAPES: list[str] = ["circle", "square", "triangle", "diamond", "cross", "star", "hexagon", "ring"]
 ICON_STYLES = ("glyph", "texture", "photo")
+LAYOUTS = ("labelled", "cells")
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 PAGE_BG = (250, 250, 250)
@@ -71,6 +72,9 @@ PERCEPTION_KNOBS: dict[str, Knob] = {
     "icon_style": Knob("glyph", one_of(*ICON_STYLES), "glyph: flat shapes; texture: patterned; photo: photo_dir"),
     "photo_dir": Knob(None, _check_photo_dir, "folder of class subfolders of images (CIFAR-10 layout) for 'photo'"),
     "noise": Knob(0.0, float_in(0.0, 0.5), "std of Gaussian pixel noise, as a fraction of 255"),
+    "layout": Knob(
+        "labelled", one_of(*LAYOUTS), "labelled: title, labels, caption; cells: the grid alone, edge to edge"
+    ),
 }
 
 
@@ -92,6 +96,7 @@ class Style:
     icon_style: str
     photo_dir: str | None
     noise: float
+    layout: str = "labelled"
 
     @classmethod
     def from_difficulty(cls, difficulty: dict) -> Style:
@@ -101,6 +106,7 @@ class Style:
             icon_style=difficulty["icon_style"],
             photo_dir=difficulty["photo_dir"],
             noise=float(difficulty["noise"]),
+            layout=difficulty["layout"],
         )
         if style.icon_style == "photo" and style.photo_dir is None:
             raise ValueError(
@@ -318,13 +324,50 @@ class BoardRenderer:
         self.rows, self.cols, self.style = rows, cols, style
         self.panels = tuple(panels)
         width, height = style.image_size
+        panel_cols = max((c for _, _, c in self.panels), default=0)
+        panel_rows = sum(r for _, r, _ in self.panels)
+        img = Image.new("RGB", (width, height), PAGE_BG)
+        draw = ImageDraw.Draw(img)
+        if style.layout == "cells":
+            # The grid alone from the top-left corner, each cell a square `cell` px wide (its grid line included),
+            # so with cell = 28 every cell is exactly one of Qwen2.5-VL's image tokens (2x2 patches of 14 px,
+            # merged): a vision tower has nothing to read but the tiles, each in a token of its own.
+            cell = min(width // (cols + panel_cols), height // rows, height // panel_rows if panel_rows else height)
+            line = max(1, cell // 24)
+            self._check_cell(cell)
+            self.board = _Grid(0, 0, rows, cols, cell, line)
+            self.caption_box: tuple[int, int, int, int] | None = None
+            self.panel_grids: list[_Grid] = []
+            for _, prows, pcols in self.panels:
+                self.panel_grids.append(
+                    _Grid(cols * cell, sum(g.rows for g in self.panel_grids) * cell, prows, pcols, cell, line)
+                )
+            for grid in [self.board, *self.panel_grids]:
+                self._draw_grid(draw, grid)
+        else:
+            self._draw_labelled(draw, title, panel_cols, panel_rows)
+        self.cell, self.sprite_px = self.board.cell, self.board.cell - self.board.line
+        self._background = np.asarray(img, dtype=np.uint8).copy()  # (H, W, 3)
+        self._origins = [grid.cell_origins() for grid in [self.board, *self.panel_grids]]
+        self._sprites: dict[Tile, np.ndarray] = {}
+        self._noise: np.ndarray | None = None  # (H + NOISE_PAD, W + NOISE_PAD, 3) int16, built on first use
+
+    def _check_cell(self, cell: int) -> None:
+        if cell < MIN_CELL_PX:
+            raise ValueError(
+                f"difficulty key 'image_size' {self.style.image_size} is too small for a {self.rows}x{self.cols} board"
+                f"{' with panels' if self.panels else ''}: cells would be {cell} px (at least {MIN_CELL_PX})"
+            )
+
+    def _draw_labelled(self, draw: ImageDraw.ImageDraw, title: str, panel_cols: int, panel_rows: int) -> None:
+        """The labelled layout: title, row and column labels, the board centred, labelled panels, a caption band."""
+        rows, cols = self.rows, self.cols
+        width, height = self.style.image_size
         fs = int(np.clip(min(width, height) // 32, 9, 32))  # label font size
         margin = max(3, fs // 2)
         label_w = int(_font(fs).getlength(str(rows - 1))) + fs // 2
         title_h = int(fs * 1.7) if title else 0
         band_h = int(fs * 1.5)  # column labels above; caption below; panel labels
-        panel_cols = max((c for _, _, c in self.panels), default=0)
-        panel_rows = sum(r for _, r, _ in self.panels)
         panel_gap = fs if self.panels else 0
         avail_w = width - 2 * margin - label_w - panel_gap
         avail_h = height - 2 * margin - title_h - 2 * band_h
@@ -333,12 +376,7 @@ class BoardRenderer:
         if self.panels:
             panels_h = height - 2 * margin - title_h - len(self.panels) * (band_h + line)
             cell = min(cell, panels_h // panel_rows)
-        if cell < MIN_CELL_PX:
-            raise ValueError(
-                f"difficulty key 'image_size' {style.image_size} is too small for a {rows}x{cols} board"
-                f"{' with panels' if self.panels else ''}: cells would be {cell} px (at least {MIN_CELL_PX})"
-            )
-        self.cell, self.sprite_px = cell, cell - line
+        self._check_cell(cell)
         board_w = cols * cell + line
         used_w = label_w + board_w + (panel_gap + panel_cols * cell + line if self.panels else 0)
         x0 = margin + label_w + (width - 2 * margin - used_w) // 2
@@ -347,8 +385,6 @@ class BoardRenderer:
         self.caption_box = (margin, y0 + rows * cell + line, width - 2 * margin, band_h)  # x, y, w, h
         self.caption_font = int(fs * 1.1)
 
-        img = Image.new("RGB", (width, height), PAGE_BG)
-        draw = ImageDraw.Draw(img)
         font = _font(fs)
         if title:
             draw.text(
@@ -359,7 +395,7 @@ class BoardRenderer:
             draw.text((x0 - fs // 4, y0 + r * cell + cell / 2), str(r), fill=LABEL_FG, font=font, anchor="rm")
         for c in range(cols):
             draw.text((x0 + c * cell + cell / 2, y0 - band_h / 2), str(c), fill=LABEL_FG, font=font, anchor="mm")
-        self.panel_grids: list[_Grid] = []
+        self.panel_grids = []
         panels_total_h = sum(band_h + r * cell + line for _, r, _ in self.panels)
         py, px = min(y0 - band_h, height - margin - panels_total_h), x0 + board_w + panel_gap
         for label, prows, pcols in self.panels:
@@ -368,10 +404,6 @@ class BoardRenderer:
             self._draw_grid(draw, grid)
             self.panel_grids.append(grid)
             py += band_h + prows * cell + line
-        self._background = np.asarray(img, dtype=np.uint8).copy()  # (H, W, 3)
-        self._origins = [grid.cell_origins() for grid in [self.board, *self.panel_grids]]
-        self._sprites: dict[Tile, np.ndarray] = {}
-        self._noise: np.ndarray | None = None  # (H + NOISE_PAD, W + NOISE_PAD, 3) int16, built on first use
 
     @staticmethod
     def _draw_grid(draw: ImageDraw.ImageDraw, grid: _Grid) -> None:
@@ -424,7 +456,7 @@ class BoardRenderer:
             raise ValueError(f"got {len(panel_cells)} panel grids for {len(self.panels)} panels")
         for i, grid_cells in enumerate(panel_cells):
             self._paint(out, i + 1, grid_cells)
-        if caption:
+        if caption and self.caption_box is not None:  # the cells layout has no caption band
             x, y, w, h = self.caption_box
             out[y : y + h, x : x + w] = _text_strip(caption, self.caption_font, w, h)
         if self.style.noise > 0:

@@ -10,8 +10,8 @@ from envs.render import COLOURS, PERCEPTION_KNOBS, SHAPES, BoardRenderer, Style,
 
 
 def _style(**kw) -> Style:
-    values = {"image_size": (644, 840), "icon_style": "glyph", "photo_dir": None, "noise": 0.0, **kw}
-    return Style(**values)
+    values = {"image_size": (644, 840), "icon_style": "glyph", "photo_dir": None, "noise": 0.0, "layout": "labelled"}
+    return Style(**{**values, **kw})
 
 
 def _cell_pixels(renderer: BoardRenderer, frame: np.ndarray, r: int, c: int) -> np.ndarray:
@@ -118,6 +118,26 @@ def test_panels_are_drawn_right_of_the_board():
     assert changed[:, 1].min() > board_right
 
 
+def test_cells_layout_puts_each_cell_in_its_own_28_px_image_token():
+    """layout=cells: the grid alone from the top-left corner; at 28 px a cell is one Qwen2.5-VL token (2x2 patches)."""
+    renderer = BoardRenderer(4, 4, _style(image_size=(112, 112), layout="cells"), title="2048")
+    assert renderer.cell == 28 and renderer.board.x == renderer.board.y == 0
+    empty = renderer.draw_array([[None] * 4] * 4, caption="Score: 12")
+    assert np.array_equal(empty, renderer.draw_array([[None] * 4] * 4))  # no caption band, no title, no labels
+    for r, c in [(0, 0), (1, 2), (3, 3)]:
+        cells = [[None] * 4 for _ in range(4)]
+        cells[r][c] = Tile(colour=0, text="2")
+        changed = np.argwhere((renderer.draw_array(cells) != empty).any(axis=2))
+        token = np.array([28 * r, 28 * c])
+        assert (changed.min(axis=0) >= token).all() and (changed.max(axis=0) < token + 28).all()
+        assert len(changed) > 0.8 * 28 * 28  # the tile fills its token, grid line aside
+    # Panels sit right of the board, in the same cell pitch; a frame too small for 8 px cells is refused.
+    with_panel = BoardRenderer(4, 4, _style(image_size=(168, 112), layout="cells"), panels=[("Next", 2, 2)])
+    assert with_panel.cell == 28 and (with_panel.panel_grids[0].x, with_panel.panel_grids[0].y) == (112, 0)
+    with pytest.raises(ValueError, match="image_size"):
+        BoardRenderer(8, 8, _style(image_size=(60, 60), layout="cells"))
+
+
 def test_wrong_cell_grids_and_types_raise():
     renderer = BoardRenderer(3, 3, _style(), panels=[("Next", 2, 2)])
     with pytest.raises(ValueError, match="3 rows x 3 columns"):
@@ -150,7 +170,13 @@ def test_perception_knob_checks(photo_dir, tmp_path):
 
 
 def test_photo_style_without_a_folder_names_photo_dir():
-    difficulty = {"image_size": (644, 840), "icon_style": "photo", "photo_dir": None, "noise": 0.0}
+    difficulty = {
+        "image_size": (644, 840),
+        "icon_style": "photo",
+        "photo_dir": None,
+        "noise": 0.0,
+        "layout": "labelled",
+    }
     with pytest.raises(ValueError, match="'photo_dir'"):
         Style.from_difficulty(difficulty)
 
