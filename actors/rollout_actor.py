@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,7 +41,7 @@ import torch
 from actors.config import RolloutConfig
 from actors.models import ModelSource
 from actors.prompts import chat_prompt, engine_input
-from actors.stream import EngineClock, StreamRun, StreamSummary
+from actors.stream import EngineClock, StreamRun, StreamSource, StreamSummary
 from actors.vllm_engine import VLLMEngine
 from envs import GamePool, PoolConfig, PooledState
 from replay.buffer import REWARD_PARTS
@@ -479,13 +480,67 @@ class RolloutActor:
             raise ValueError(f"stream: max_states_in_flight must be >= 1; got {slots}")
         with self._pool_lock:  # the steps of rounds before this stream were counted by their rounds
             self._random_steps_seen = self.pool.random_steps
-        run = StreamRun(self, slots)
         self.streams += 1
+        source = StreamSource(
+            name=self.name,
+            state_ids=f"{self.name}-s{self.streams}",
+            stop=self._stop,
+            prepare=self._prepare_streamed,
+            submit=self._submit_streamed,
+            request_ended=self._request_ended,
+            score=self._score_streamed,
+            push=self._push_streamed,
+            buffer_closed=self._buffer_closed,
+        )
+        run = StreamRun(source, slots)
         try:
             run.go()
         finally:
             self._stop.clear()  # the stop this stream ended on (or one sent before it started) is used up
         return run.summary()
+
+    # What a stream uses (its StreamSource): each keeps the stream's stats, which drain_stats reads meanwhile.
+    def _prepare_streamed(self) -> _Prepared | None:
+        begin = time.perf_counter()
+        item = self._prepare_one()
+        with self._stats_lock:
+            self._tally.env_s += time.perf_counter() - begin
+            self._tally.num_skipped += item is None
+        return item
+
+    def _submit_streamed(self, item: _Prepared) -> Future:
+        with self._weights_lock:  # not between a pause and its resume
+            future = self.engine.submit(item.engine_input, self._params)
+        with self._stats_lock:
+            self._clock.enter(time.perf_counter())
+            self._tally.num_submitted += 1
+        return future
+
+    def _request_ended(self) -> None:
+        with self._stats_lock:
+            self._tally.generation_s += self._clock.leave(time.perf_counter())
+
+    def _score_streamed(self, item: _Prepared, output: Any, state_id: str) -> TrajectoryGroup | None:
+        begin = time.perf_counter()
+        group = self._score_into(self._tally, item, output, state_id)
+        with self._stats_lock:
+            self._tally.env_s += time.perf_counter() - begin
+        return group
+
+    def _push_streamed(self, groups: list[TrajectoryGroup]) -> int:
+        begin, accepted = time.perf_counter(), 0
+        try:
+            accepted = self._push(groups)
+        finally:
+            with self._stats_lock:
+                self._tally.push_s += time.perf_counter() - begin
+                self._tally.num_accepted += accepted
+        return accepted
+
+    def _buffer_closed(self) -> bool:
+        import ray
+
+        return ray.get(self.buffer.stats.remote()).drops["closed"] > 0
 
     def stop_stream(self) -> None:
         """Asks `stream` to end: no new requests; those in flight finish and are pushed first.
@@ -494,6 +549,12 @@ class RolloutActor:
         started, and that stream then ends at once instead of running on unstopped.
         """
         self._stop.set()
+
+    def shutdown(self) -> None:
+        """Ends a stream, if one runs, and stops the engine (its engine-core process): the last call before the actor
+        is killed (launch/rollouts.py), so that vLLM ends quietly instead of reporting its engine core's death."""
+        self._stop.set()
+        self.engine.shutdown()
 
     def drain_stats(self) -> RoundStats | None:
         """The stats of everything streamed since the last call (None when no state finished since)."""

@@ -7,8 +7,9 @@
                      stalls generation (bounded memory)
 
 So game stepping, rendering and scoring overlap decoding, and the engine is refilled as soon as a request ends. The
-scoring and the stats are the actor's own (`RolloutActor._score_into`, its tally and `EngineClock`), shared with its
-rounds and read by `drain_stats` while the stream runs.
+run schedules; everything else is the actor's own, passed to it explicitly as a `StreamSource`: preparing, submitting,
+scoring and pushing, and the stats that these keep (the actor's tally and `EngineClock`, shared with its rounds and
+read by `drain_stats` while the stream runs).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from actors.rollout_actor import RolloutActor, _Prepared
+    from replay.trajectory import TrajectoryGroup
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,23 @@ class EngineClock:
         return busy
 
 
+@dataclass(frozen=True)
+class StreamSource:
+    """What a stream uses of its actor (built by `RolloutActor.stream`). Each callable keeps the actor's stats itself
+    (its tally and engine clock, under its stats lock), so the run only schedules and counts what became of its states.
+    A prepared state is opaque here: it goes from `prepare` to `submit` and `score` as it is."""
+
+    name: str  # the actor's: names the run's threads and logs
+    state_ids: str  # prefix of the groups' state ids: one per stream of the actor
+    stop: threading.Event  # the actor's stop flag: set by stop_stream, and by the run when it ends itself
+    prepare: Callable[[], Any]  # the pool's next state, ready for the engine; None (logged) when its game raised
+    submit: Callable[[Any], Future]  # a prepared state to the engine, never between a weight pause and its resume
+    request_ended: Callable[[], None]  # called on the engine's loop thread as each request ends
+    score: Callable[[Any, Any, str], TrajectoryGroup | None]  # (state, output, state id): its group; None if it raised
+    push: Callable[[list[TrajectoryGroup]], int]  # one buffer.put_many: groups stored; RayActorError if buffer dead
+    buffer_closed: Callable[[], bool]  # whether the buffer was closed (it drops every group offered)
+
+
 class StreamRun:
     """One `RolloutActor.stream` call: its preparer and pusher threads, its queues and its counts.
 
@@ -86,12 +105,12 @@ class StreamRun:
     The actor's stop flag ends the stream; the run sets it too when the buffer ends it or a thread fails.
     """
 
-    def __init__(self, actor: RolloutActor, slots: int) -> None:
-        self.actor = actor
+    def __init__(self, source: StreamSource, slots: int) -> None:
+        self.source, self.stop = source, source.stop
         self.engine_slots = threading.Semaphore(slots)
         self.backlog = threading.Semaphore(2 * slots)
-        self.ready: queue.Queue[_Prepared] = queue.Queue(maxsize=slots)  # states prepared ahead
-        self.finished: queue.Queue[tuple[_Prepared, Future]] = queue.Queue()  # requests ended, not yet handled
+        self.ready: queue.Queue[Any] = queue.Queue(maxsize=slots)  # states prepared ahead
+        self.finished: queue.Queue[tuple[Any, Future]] = queue.Queue()  # requests ended, not yet handled
         self.start = time.perf_counter()
         self.lock = threading.Lock()
         self.in_flight: set[Future] = set()
@@ -105,15 +124,15 @@ class StreamRun:
 
     def go(self) -> None:
         threads = [
-            threading.Thread(target=self._prepare_loop, name=f"{self.actor.name}-prepare", daemon=True),
-            threading.Thread(target=self._push_loop, name=f"{self.actor.name}-push", daemon=True),
+            threading.Thread(target=self._prepare_loop, name=f"{self.source.name}-prepare", daemon=True),
+            threading.Thread(target=self._push_loop, name=f"{self.source.name}-push", daemon=True),
         ]
         for thread in threads:
             thread.start()
         try:
             self._submit_loop()
         finally:
-            self.actor._stop.set()  # ends the preparer (also when a submission raised)
+            self.stop.set()  # ends the preparer (also when a submission raised)
             with self.lock:
                 self.submitting = False
             for thread in threads:
@@ -138,22 +157,17 @@ class StreamRun:
 
     def _fail(self, error: BaseException) -> None:
         self.error = self.error or error
-        self.actor._stop.set()
+        self.stop.set()
 
     # ---- caller's thread: submissions ---------------------------------------------------------------------------
     def _submit_loop(self) -> None:
-        actor = self.actor
         while self._acquire(self.backlog):
             if not self._acquire(self.engine_slots):
                 break
             item = self._next_ready()
             if item is None:
                 break
-            with actor._weights_lock:  # not between a pause and its resume
-                future = actor.engine.submit(item.engine_input, actor._params)
-            with actor._stats_lock:
-                actor._clock.enter(time.perf_counter())
-                actor._tally.num_submitted += 1
+            future = self.source.submit(item)
             with self.lock:
                 self.counts["submitted"] += 1
                 self.in_flight.add(future)
@@ -166,24 +180,22 @@ class StreamRun:
 
     def _acquire(self, slots: threading.Semaphore) -> bool:
         """Takes a slot; False when the stream is stopping instead."""
-        while not self.actor._stop.is_set():
+        while not self.stop.is_set():
             if slots.acquire(timeout=POLL_S):
                 return True
         return False
 
-    def _next_ready(self) -> _Prepared | None:
-        while not self.actor._stop.is_set():
+    def _next_ready(self) -> Any:
+        while not self.stop.is_set():
             try:
                 return self.ready.get(timeout=POLL_S)
             except queue.Empty:
                 continue
         return None
 
-    def _on_done(self, item: _Prepared, future: Future) -> None:
+    def _on_done(self, item: Any, future: Future) -> None:
         """On the engine's loop thread: the request ended."""
-        actor = self.actor
-        with actor._stats_lock:
-            actor._tally.generation_s += actor._clock.leave(time.perf_counter())
+        self.source.request_ended()
         self.engine_slots.release()
         with self.lock:
             self.in_flight.discard(future)
@@ -191,18 +203,15 @@ class StreamRun:
 
     # ---- preparer thread ------------------------------------------------------------------------------------------
     def _prepare_loop(self) -> None:
-        actor, stop, failures = self.actor, self.actor._stop, 0
+        stop, failures = self.stop, 0
         while not stop.is_set():
-            begin = time.perf_counter()
-            item = actor._prepare_one()
-            with actor._stats_lock:
-                actor._tally.env_s += time.perf_counter() - begin
-                actor._tally.num_skipped += item is None
+            item = self.source.prepare()
             if item is None:
                 self.counts["unprepared"] += 1
                 failures += 1
                 if failures >= PREPARE_FAILURES_IN_A_ROW:
-                    self._fail(RuntimeError(f"{actor.name}: {failures} states in a row failed; see the logged errors"))
+                    name = self.source.name
+                    self._fail(RuntimeError(f"{name}: {failures} states in a row failed; see the logged errors"))
                 continue
             failures = 0
             while not stop.is_set():
@@ -225,7 +234,7 @@ class StreamRun:
                 for _ in batch:
                     self.backlog.release()
 
-    def _take_batch(self) -> list[tuple[_Prepared, Future]] | None:
+    def _take_batch(self) -> list[tuple[Any, Future]] | None:
         """The requests finished so far (at least one); None once submitting ended and every request was handled."""
         while True:
             try:
@@ -241,42 +250,35 @@ class StreamRun:
             except queue.Empty:
                 return batch
 
-    def _push_batch(self, batch: list[tuple[_Prepared, Future]]) -> None:
+    def _push_batch(self, batch: list[tuple[Any, Future]]) -> None:
         import ray
 
-        actor, groups = self.actor, []
-        scoring = time.perf_counter()
+        source, groups = self.source, []
         for item, future in batch:
             if future.cancelled() or self.buffer_gone.is_set():
                 self.counts["aborted"] += 1
                 continue
             output = future.result()  # an engine error ends the stream (raised from `stream`)
             serial = self.counts["groups"] + self.counts["skipped"]
-            group = actor._score_into(actor._tally, item, output, f"{actor.name}-s{actor.streams}-{serial}")
+            group = source.score(item, output, f"{source.state_ids}-{serial}")
             if group is None:
                 self.counts["skipped"] += 1
             else:
                 self.counts["groups"] += 1
                 groups.append(group)
-        pushing = time.perf_counter()
-        accepted = 0
         try:
-            accepted = actor._push(groups)
+            accepted = source.push(groups)
         except ray.exceptions.RayActorError:
-            logger.warning("%s: the buffer is dead; the stream ends", actor.name)
+            logger.warning("%s: the buffer is dead; the stream ends", source.name)
             self._buffer_ended("buffer_dead")
             self.counts["unpushed"] += len(groups)
         else:
             self.counts["pushed"] += len(groups)
             self.counts["accepted"] += accepted
-            if accepted < len(groups) and ray.get(actor.buffer.stats.remote()).drops["closed"] > 0:
+            if accepted < len(groups) and source.buffer_closed():
                 self._buffer_ended("buffer_closed")
-        with actor._stats_lock:
-            actor._tally.env_s += pushing - scoring
-            actor._tally.push_s += time.perf_counter() - pushing
-            actor._tally.num_accepted += accepted
 
     def _buffer_ended(self, reason: str) -> None:
         self.ended_by = reason
         self.buffer_gone.set()
-        self.actor._stop.set()
+        self.stop.set()

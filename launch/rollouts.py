@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 SYNC_ATTEMPTS = 3  # a broadcast that fails this many times in a row (new group each time) is not a lost actor: raise
 STOP_TIMEOUT_S = 60.0  # how long `stop` waits for the streams to end (their in-flight groups pushed)
+SHUTDOWN_TIMEOUT_S = 30.0  # how long `stop` waits for the actors' engines to shut down, all together, before the kill
 
 
 class RolloutDriver:
@@ -258,14 +259,20 @@ class RolloutDriver:
         }
 
     def stop(self) -> None:
-        """Ends generation (end of run or error): rounds in flight are dropped; streams are stopped, the buffer is
-        closed (a producer waiting for room drops its groups as "closed" instead of waiting for ever), and their last
-        stats collected (so that `ledger` covers every group they made)."""
+        """Ends generation and the rollout actors (end of run or error): rounds in flight are dropped; streams are
+        stopped, the buffer is closed (a producer waiting for room drops its groups as "closed" instead of waiting for
+        ever), and their last stats collected (so that `ledger` covers every group they made); then every actor shuts
+        its engine down and is killed (`_shut_down`)."""
         for ref in list(self.in_flight):
             ray.cancel(ref, force=False)
         self.in_flight.clear()
-        if not self.streams:
-            return
+        try:
+            if self.streams:
+                self._stop_streams()
+        finally:
+            self._shut_down()
+
+    def _stop_streams(self) -> None:
         for index in self.streams:
             self.fleet.actors[index].stop_stream.remote()
         self.buffer.close.remote()
@@ -273,6 +280,19 @@ class RolloutDriver:
         ray.wait(refs, num_returns=len(refs), timeout=STOP_TIMEOUT_S)
         self.streams.clear()
         self._drain()
+
+    def _shut_down(self) -> None:
+        """Asks every actor to shut its engine down (`RolloutActor.shutdown`), then kills it. An actor killed with its
+        engine running takes the engine-core process with it in any order, and vLLM's output handler, seeing that
+        process die first, prints an EngineDeadError traceback at the end of every run. A dead or hung actor holds the
+        stop up for SHUTDOWN_TIMEOUT_S at most (all actors together), and is killed all the same."""
+        refs = [actor.shutdown.remote() for actor in self.fleet.actors]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_TIMEOUT_S)
+        if pending:
+            hung = [self.fleet.names[refs.index(ref)] for ref in pending]
+            logger.warning("%s did not shut down in %.0fs; killed", ", ".join(hung), SHUTDOWN_TIMEOUT_S)
+        for actor in self.fleet.actors:
+            ray.kill(actor, no_restart=True)
 
     # ---- internals ------------------------------------------------------------------------------------------------
     def _shares(self, groups: int) -> list[int]:

@@ -1,7 +1,8 @@
 """The driver's faults and accounting on real Ray actors, the tiny model and real games.
 
 - the replay buffer actor killed (Ray restarts it, empty): the rollout actors and the driver carry on, its death is not
-  taken for a rollout actor's, and the groups it held are counted lost once;
+  taken for a rollout actor's, and the groups it held are counted lost once; the driver's stop then shuts every
+  engine down before it kills the actors (a quiet end of the run);
 - an async run with two streaming actors conserves groups: every group made is trained, dropped (counted), lost
   (counted) or still held at the end; resumed from its checkpoint, it continues at the same step and version and
   trains on (the learner tests check that a resume restores weights and optimizer bit for bit).
@@ -9,10 +10,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 import time
 
 import pytest
+from ray.exceptions import RayActorError
 from test_train import SMALL, run_train
 from train_runs import tensorboard_scalars
 
@@ -23,6 +26,15 @@ from learner import checkpoint
 
 # The smallest batch that still has two actors' worth of rounds: 2 groups of 2 short responses.
 TINY = [*SMALL, "trainer.groups_per_step=2", "actors.states_per_round=2", "actors.group_size=2"]
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie has ended: it only waits for its parent to read its exit status)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.fixture
@@ -39,7 +51,7 @@ def fleet(ray_local, tiny_model_dir):
     remove_placement_group(get_placement_group("rollouts"))
 
 
-def test_a_killed_buffer_restarts_empty_and_only_its_groups_are_lost(ray_local, fleet):
+def test_a_killed_buffer_restarts_empty_only_its_groups_are_lost_and_stop_shuts_the_engines_down(ray_local, fleet):
     config, buffer, actors = fleet
     driver = RolloutDriver(config, actors, buffer, learners=None)
     items, _ = driver.collect()  # a sync batch: one round of 2 groups
@@ -66,6 +78,18 @@ def test_a_killed_buffer_restarts_empty_and_only_its_groups_are_lost(ray_local, 
     }
     driver.buffer_stats()
     assert driver.counters()["faults/lost_groups"] == 2.0
+
+    # The run's end: `stop` returns once every engine has shut down (its engine-core process ended), and kills the
+    # actor. Killed with its engine running, an actor loses that process in any order (vLLM then prints an
+    # EngineDeadError traceback at the end of the run), and Ray's kill returns before anything has ended.
+    engine_cores = ray_local.get(
+        actors.actors[0].__ray_call__.remote(lambda _: [p.pid for p in multiprocessing.active_children()])
+    )
+    assert engine_cores
+    driver.stop()
+    assert not [pid for pid in engine_cores if _running(pid)]
+    with pytest.raises(RayActorError):
+        ray_local.get(actors.actors[0].get_incarnation.remote())
 
 
 def test_async_run_conserves_groups_and_resumes_from_its_checkpoint(ray_cluster, tmp_path):
