@@ -1,6 +1,6 @@
 """Sync vs async training: how much continuous generation with in-flight weight updates saves.
 
-    .venv/bin/python -P bench/async.py [--steps 8] [overrides ...]
+    .venv/bin/python -P bench/async.py [--steps 6] [overrides ...]
 
 Runs `launch/train.py model=tiny` twice with the same model, game, batch and number of learner steps, first in sync
 mode (generate a batch, train, broadcast) and then in async mode (the actors stream, the learner takes batches as
@@ -36,17 +36,18 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
-# Generation and training of similar cost on one core each: 4 states x G=8 of up to 768 tokens per step (a ~430-token
-# prompt: the context is 2,048) against one fp32 update of the tiny model on those 32 responses. Decoding costs per
-# engine step more than per sequence, so fewer, longer responses weigh generation up against training: 8 x 8 of up
-# to 384 tokens made training 1.6 times generation (ideal 1.63).
+# Generation and training of similar cost on one core each: 4 states x G=8 of up to 1,024 tokens per step (a ~430-token
+# prompt: the context is 2,048) against one fp32 update of the tiny model on those 32 responses. Decoding costs more
+# per engine step than per sequence, so fewer, longer responses weigh generation up against training: 8 x 8 of up to
+# 384 tokens made training 1.6 times generation (ideal 1.63); this takes as many CPU seconds in each (a sync run:
+# learner 31.8 s, engine 30.6 s over 3 steps).
 COMMON = [
     "game=tetris",
     "model=tiny",
     "trainer.groups_per_step=4",
     "actors.states_per_round=4",
     "actors.group_size=8",
-    "actors.max_new_tokens=768",
+    "actors.max_new_tokens=1024",
     "actors.max_model_len=2048",
     "resources.actor_cpus=1",
     "resources.learner_cpus=1",
@@ -181,7 +182,7 @@ def run(mode: str, steps: int, output: Path, overrides: list[str]) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8, help="learner steps of each run (the first is warm-up)")
+    parser.add_argument("--steps", type=int, default=6, help="learner steps of each run (the first is warm-up)")
     parser.add_argument("--output", default="runs/bench-async", help="the runs' directory")
     args, overrides = parser.parse_known_args()
     output = Path(args.output) / time.strftime("%Y%m%d-%H%M%S")
