@@ -121,8 +121,19 @@ class Policy(Protocol):
         """One response text per game state, in order (the whole batch at once where the policy can batch)."""
         ...
 
+    def close(self) -> None:
+        """Releases what the policy holds (a vllm policy's engine); the policy is unusable afterwards."""
+        ...
 
-class RandomPolicy:
+
+class _NothingToClose:
+    """The policies that hold no engine: closing them is a no-op."""
+
+    def close(self) -> None:
+        pass
+
+
+class RandomPolicy(_NothingToClose):
     """A uniformly random legal action, in the canonical answer format: the floor every table needs."""
 
     name = "random"
@@ -136,7 +147,7 @@ class RandomPolicy:
         return ["" if a is None else f"<answer>{game.format_action(a)}</answer>" for game, a in actions]
 
 
-class ExpertPolicy:
+class ExpertPolicy(_NothingToClose):
     """The games' scripted experts (envs.expert_response): exact perception, the expert's reason, its move."""
 
     name = "expert"
@@ -179,8 +190,13 @@ class VLLMPolicy:
         outputs = self.engine.generate(inputs, self.params)
         return self.engine.tokenizer.batch_decode([o.outputs[0].token_ids for o in outputs], skip_special_tokens=True)
 
+    def close(self) -> None:
+        """Shuts the engine down, so that vLLM stops its engine core cleanly (left to interpreter exit, AsyncLLM's
+        finalizer runs after vLLM's module globals are gone and prints a traceback)."""
+        self.engine.shutdown()
 
-class OpenAIPolicy:
+
+class OpenAIPolicy(_NothingToClose):
     """Any OpenAI-compatible chat endpoint: one request per state, `concurrency` in flight, retried with back-off.
 
     The user message holds the board as a PNG data URL, then the game's prompt: the order of the training chat

@@ -24,6 +24,7 @@ Prints the table, the SFT eval-loss and the RL reward curves, and ends with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -109,9 +110,10 @@ def main() -> None:
     results = {}
     for name, config in players.items():
         config = PolicyConfig(**{**config.__dict__, "max_tokens": max_tokens, "max_model_len": 1024})
-        results[name] = evaluate(
-            make_policy(config), args.game, episodes=args.episodes, max_steps=args.max_steps, out=out / "eval" / name
-        )["mean"]
+        with contextlib.closing(make_policy(config)) as policy:
+            results[name] = evaluate(
+                policy, args.game, episodes=args.episodes, max_steps=args.max_steps, out=out / "eval" / name
+            )["mean"]
 
     print(f"\n{args.game}: {args.episodes} episodes x {args.max_steps} moves, seeds 0..{args.episodes - 1}")
     print(f"{'player':>8} {'score':>8} {'valid':>7} {'format':>7} {'percep':>7} {'length':>7}")

@@ -20,6 +20,7 @@ results.json of earlier evaluations into report.md: the paper's kind of table, a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -365,27 +366,27 @@ def main(cfg: DictConfig) -> None:
     skipped = [s.name for s in game_specs(cfg.game) if s.name not in {name for name, _ in games}]
     if skipped:
         log.info("protocol %s does not define %s: not evaluated", cfg.protocol, ", ".join(skipped))
-    policy = make_policy(policy_config)
-    log.info("policy %s (%s), protocol %s", policy.name, policy_config, cfg.protocol)
-    results = []
-    for name, difficulty in games:
-        log.info("game %s, difficulty %s", name, difficulty)
-        result = evaluate(
-            policy,
-            name,
-            cfg.protocol,
-            episodes=cfg.episodes,
-            seed=cfg.seed,
-            max_steps=cfg.max_steps,
-            difficulty=difficulty,
-            out=out / name,
-            gif_scale=float(cfg.gif_scale),
-            gif_max_frames=cfg.gif_max_frames,
-        )
-        for i, run in enumerate(result["runs"]):
-            log.info("%s run %d: %s", name, i, run)
-        log.info("%s mean: %s; failed replies: %d", name, result["mean"], result["failed_replies"])
-        results.append(result)
+    with contextlib.closing(make_policy(policy_config)) as policy:  # a vllm policy's engine is shut down
+        log.info("policy %s (%s), protocol %s", policy.name, policy_config, cfg.protocol)
+        results = []
+        for name, difficulty in games:
+            log.info("game %s, difficulty %s", name, difficulty)
+            result = evaluate(
+                policy,
+                name,
+                cfg.protocol,
+                episodes=cfg.episodes,
+                seed=cfg.seed,
+                max_steps=cfg.max_steps,
+                difficulty=difficulty,
+                out=out / name,
+                gif_scale=float(cfg.gif_scale),
+                gif_max_frames=cfg.gif_max_frames,
+            )
+            for i, run in enumerate(result["runs"]):
+                log.info("%s run %d: %s", name, i, run)
+            log.info("%s mean: %s; failed replies: %d", name, result["mean"], result["failed_replies"])
+            results.append(result)
     write_results(out, results)
     print("\n".join(results_table(results)), flush=True)
 

@@ -156,17 +156,25 @@ def load_config(overrides: list[str]) -> ColdStartConfig:
 def collect(pool: GamePool, teacher: Policy, config: CollectConfig) -> tuple[list[SFTExample], dict[str, int]]:
     """G1's teacher trajectories: one teacher response per state, kept when it sees the board right and acts legally.
 
+    With the pool in mode "continue" (`pool.mode=continue`) each slot's game then moves on with the teacher's own
+    answer, so the states are those the teacher's play leads to (after the pool's reset and random steps), not only
+    fresh random boards: a student learns the teacher's strategy where it applies it. Batches are then at most
+    `pool.num_games` states (one per slot).
+
     Returns:
         The kept examples, and the counts: `states`, `kept`, `rejected_no_reply` (the teacher failed or answered
         nothing), `rejected_invalid_action` (no legal action), `rejected_perception` (the board misread).
     """
     kept: list[SFTExample] = []
     counts = Counter(states=0, kept=0, rejected_no_reply=0, rejected_invalid_action=0, rejected_perception=0)
+    batch = min(config.batch, pool.num_games) if pool.mode == "continue" else config.batch
     while counts["states"] < config.states:
-        states = pool.sample(min(config.batch, config.states - counts["states"]))
+        states = pool.sample(min(batch, config.states - counts["states"]))
         responses = teacher.respond([state.game for state in states])
         for state, response in zip(states, responses, strict=True):
             counts["states"] += 1
+            if pool.mode == "continue":
+                pool.advance(state, response)  # the state's own snapshot is not touched
             reason = _rejection(state.game, state.text_observation, response, config)
             if reason:
                 counts[f"rejected_{reason}"] += 1
@@ -204,7 +212,10 @@ def collect_dataset(config: ColdStartConfig, directory: Path) -> dict[str, Any]:
     """Collects the dataset into `directory` (train and validation splits, stats.json); returns the stats."""
     start = time.perf_counter()
     teacher = make_policy(config.teacher)
-    examples, counts = collect(GamePool.from_config(config.run.pool), teacher, config.collect)
+    try:
+        examples, counts = collect(GamePool.from_config(config.run.pool), teacher, config.collect)
+    finally:
+        teacher.close()  # a vllm teacher's engine: its memory goes to the learners that train next
     if len(examples) < 2:
         raise RuntimeError(f"the teacher's responses left {len(examples)} examples after G1's filter: {counts}")
     order = np.random.default_rng(config.run.seed).permutation(len(examples))
