@@ -459,9 +459,9 @@ class RolloutActor:
     def stream(self, max_states_in_flight: int | None = None) -> StreamSummary:
         """Generates continuously into the buffer until `stop_stream` (or the buffer is closed or dead).
 
-        Up to `max_states_in_flight` states are in the engine at any time, and twice that many submitted and not yet
-        pushed; a slot freed by a finished request is refilled at once from the states a preparer thread keeps
-        ready, unless the groups waiting for the buffer have reached that bound. On `stop_stream` the requests in flight
+        Up to `max_states_in_flight` states are submitted and not yet pushed at any time (so `stream_slots` bounds
+        their staleness); a slot is refilled from the states a preparer thread keeps ready as soon as its group was
+        scored and pushed, which a full buffer delays. On `stop_stream` the requests in flight
         finish and their groups are pushed before this returns; when the buffer is closed or dead they are aborted.
 
         Args:

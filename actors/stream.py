@@ -3,8 +3,9 @@
     preparer thread: pool.sample + chat prompt + engine input, one state at a time, into a bounded queue
     caller's thread: a state goes to the engine (n = G samples) whenever one of `max_states_in_flight` slots is free
     pusher thread:   finished requests -> scored on clones -> TrajectoryGroups -> ONE buffer.put_many per batch;
-                     at most 2 x max_states_in_flight states are submitted and not yet pushed, so a full buffer
-                     stalls generation (bounded memory)
+                     at most max_states_in_flight states are submitted and not yet pushed, so a full buffer
+                     stalls generation (bounded memory) and a state waits behind at most the buffer and those
+                     (launch.config.stream_slots: the staleness bound)
 
 So game stepping, rendering and scoring overlap decoding, and the engine is refilled as soon as a request ends. The
 run schedules; everything else is the actor's own, passed to it explicitly as a `StreamSource`: preparing, submitting,
@@ -99,8 +100,10 @@ class StreamSource:
 class StreamRun:
     """One `RolloutActor.stream` call: its preparer and pusher threads, its queues and its counts.
 
-    An engine slot is taken before a state is submitted and given back when its request ends; a backlog slot (twice
-    as many) is taken with it and given back once its group was pushed (or it was skipped or aborted). The engine
+    An engine slot is taken before a state is submitted and given back when its request ends; a backlog slot (as
+    many) is taken with it and given back once its group was pushed (or it was skipped or aborted). Twice as many
+    backlog slots broke `stream_slots`'s staleness bound: up to 2 x slots states ahead of a new one besides the
+    buffer, and bench/async.py dropped 4-9 of every ~30 groups as stale; with as many, none. The engine
     is refilled while earlier groups are scored and pushed, and a buffer that takes nothing stops submissions.
     The actor's stop flag ends the stream; the run sets it too when the buffer ends it or a thread fails.
     """
@@ -108,7 +111,7 @@ class StreamRun:
     def __init__(self, source: StreamSource, slots: int) -> None:
         self.source, self.stop = source, source.stop
         self.engine_slots = threading.Semaphore(slots)
-        self.backlog = threading.Semaphore(2 * slots)
+        self.backlog = threading.Semaphore(slots)
         self.ready: queue.Queue[Any] = queue.Queue(maxsize=slots)  # states prepared ahead
         self.finished: queue.Queue[tuple[Any, Future]] = queue.Queue()  # requests ended, not yet handled
         self.start = time.perf_counter()
