@@ -22,6 +22,7 @@ import envs
 from actors.models import check_model_dir
 from actors.policies import PolicyConfig, make_policy
 from envs import GamePool, GameSpec
+from envs.game_2048 import apply_move
 from launch.sft import CollectConfig, collect, ensure_cold_start, load_config
 from learner import checkpoint
 from learner.sft import cosine_lr, read_split, sft_loss, write_split
@@ -88,6 +89,24 @@ def test_filter_rejects_an_illegal_action():
     _, counts = collect(_pool(), Stubborn(), CollectConfig(states=40))
     assert counts["rejected_invalid_action"] > 0
     assert counts["rejected_invalid_action"] + counts["kept"] == 40
+
+
+def test_a_continue_pool_collects_along_the_teachers_own_play():
+    """pool.mode=continue: each slot's game moves on with the teacher's answer, so a slot's next state is the board
+    the teacher's move led to (after the spawn), and batches hold at most one state per slot."""
+    pool = GamePool([GameSpec(name="2048", random_steps=0)], num_games=3, seed=0, mode="continue")
+    kept, counts = collect(pool, make_policy(PolicyConfig(kind="expert")), CollectConfig(states=9, batch=64))
+    assert counts["kept"] == 9
+
+    def board(text: str) -> list[list[int]]:
+        return [[0 if v == "-" else int(v) for v in row.split("|")] for row in text.split("\n")]
+
+    for slot in range(3):
+        first, second = kept[slot], kept[slot + 3]  # batches of 3 (one per slot), slots in order
+        moved, _ = apply_move(board(first.text_observation), envs.make("2048").parse_action(first.response))
+        after = board(second.text_observation)
+        changed = [(r, c) for r in range(4) for c in range(4) if moved[r][c] != after[r][c]]
+        assert len(changed) == 1 and moved[changed[0][0]][changed[0][1]] == 0  # the move, then one new tile
 
 
 def test_dataset_round_trips_with_the_boards_pixels_and_hf_features(tmp_path):
