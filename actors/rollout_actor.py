@@ -556,6 +556,11 @@ class RolloutActor:
         self._stop.set()
         self.engine.shutdown()
 
+    def requests_in_engine(self) -> int:
+        """How many of a stream's requests the engine holds now: those that a weight load pauses and resumes."""
+        with self._stats_lock:
+            return self._clock.in_engine
+
     def drain_stats(self) -> RoundStats | None:
         """The stats of everything streamed since the last call (None when no state finished since)."""
         with self._stats_lock:

@@ -178,7 +178,12 @@ def test_a_weight_load_mid_stream_reaches_requests_in_flight_and_loses_no_group(
     actor, buffer = cluster
     version, offered = ray.get(actor.get_policy_version.remote()), offered_by(buffer)
     stream = actor.stream.remote(max_states_in_flight=4)
-    _, before = read_groups(buffer, 2)  # streaming for real: requests are in flight now
+    _, before = read_groups(buffer, 2)  # streaming for real
+    # Load while the engine holds requests: a group's scoring and pushing can leave it empty for a moment.
+    deadline = time.monotonic() + 60
+    while ray.get(actor.requests_in_engine.remote()) == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
     assert ray.get(actor.load_weights.remote(weights, version + 1))
     _, after = read_groups(buffer, 6)
     buffer.close.remote()  # ends the stream: its requests in flight are aborted, nothing is pushed any more
