@@ -223,8 +223,9 @@ class RolloutActor:
         pool: the game mix; actor i plays it with seed `pool.seed + i`.
         model: the resolved model (actors.models.resolve_model) or a local model directory.
         actor_id: index of this actor; names it (`rollout-<i>`) and offsets its seeds.
-        buffer: a handle to the replay buffer actor (`replay.ReplayBuffer` under ray.remote); None returns the groups
-            from `run_round` instead (`stream` needs a buffer).
+        buffer: the replay buffer actor (`replay.ReplayBuffer` under ray.remote): a handle, or its name in the job's
+            namespace (looked up here; launch/cluster.py passes the name); None returns the groups from `run_round`
+            instead (`stream` needs a buffer).
     """
 
     def __init__(
@@ -233,7 +234,7 @@ class RolloutActor:
         pool: PoolConfig,
         model: ModelSource | str | os.PathLike,
         actor_id: int = 0,
-        buffer: Any | None = None,
+        buffer: Any | str | None = None,
     ) -> None:
         _retain_freed_memory()
         self.config = config
@@ -243,6 +244,10 @@ class RolloutActor:
         self.incarnation = uuid.uuid4().hex
         self.pool = GamePool.from_config(replace(pool, seed=pool.seed + actor_id))
         self.engine = VLLMEngine(model, config, seed=config.seed + actor_id)
+        if isinstance(buffer, str):
+            import ray
+
+            buffer = ray.get_actor(buffer)
         self.buffer = buffer
         self.rounds = 0
         self.streams = 0

@@ -28,6 +28,9 @@ from replay.buffer import ReplayBuffer
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "vlm-gym-rl"  # actors are named (rollout-<i>, replay-buffer) in this namespace: `ray.get_actor(name)`
+# Rollout actors get the buffer by this name, not by a handle: Ray keeps a handle given to a restartable actor's
+# constructor in its object store (and warns that a restart fails once it is lost); a name is a plain string.
+BUFFER_NAME = "replay-buffer"
 # Environment of every actor on CPU: vLLM's AsyncLLM always runs its engine core in a process of its own; with
 # multiprocessing off, the model worker stays inside that process (two processes per engine, not three).
 # OMP_NUM_THREADS is left to Ray, which sets it to each actor's num_cpus.
@@ -136,8 +139,9 @@ class RolloutFleet:
     names: list[str]
 
 
-def start_rollouts(config: TrainConfig, model: ModelSource, buffer: Any, gpu: bool) -> RolloutFleet:
-    """Places actors.num rollout actors, each with its own game pool and vLLM engine (actors.tp GPUs).
+def start_rollouts(config: TrainConfig, model: ModelSource, gpu: bool) -> RolloutFleet:
+    """Places actors.num rollout actors, each with its own game pool and vLLM engine (actors.tp GPUs), pushing into
+    the buffer that `start_buffer` started.
 
     An engine runs its core in a process of its own (AsyncLLM), beside the actor's threads that prepare states and
     score responses; on GPU its workers are processes of their own too (vLLM's multiprocessing), on CPU the worker
@@ -164,7 +168,7 @@ def start_rollouts(config: TrainConfig, model: ModelSource, buffer: Any, gpu: bo
                 # Merged into the job's env_vars (connect), overriding its CPU default.
                 runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}} if gpu else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            ).remote(config.actors, config.pool, model, actor_id=i, buffer=buffer)
+            ).remote(config.actors, config.pool, model, actor_id=i, buffer=BUFFER_NAME)
         )
     return RolloutFleet(actors=actors, names=[f"rollout-{i}" for i in range(n)])
 
@@ -175,5 +179,5 @@ def start_buffer(config: TrainConfig) -> Any:
     Restartable: Ray restarts a dead one (empty) and sends the calls in flight (puts, the learner's get) to it again,
     so producers and the driver carry on; the driver counts what the old one held (launch/rollouts.py).
     """
-    options = dict(name="replay-buffer", num_cpus=0, max_restarts=-1, max_task_retries=-1)
+    options = dict(name=BUFFER_NAME, num_cpus=0, max_restarts=-1, max_task_retries=-1)
     return ray.remote(ReplayBuffer).options(**options).remote(config.buffer)

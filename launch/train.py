@@ -129,7 +129,7 @@ def main(overrides: list[str]) -> None:
     learner_placement = cluster.learner_placement(config, gpu)
     learners, step, version = start_learners(config, learner_placement, gpu, ckpt_root, config.trainer.resume)
     ray.get(buffer.set_policy_version.remote(version))
-    fleet = cluster.start_rollouts(config, model, buffer, gpu)
+    fleet = cluster.start_rollouts(config, model, gpu)
     learners.init_weight_sync(fleet.actors, workers_per_engine=config.actors.tp)
     rollouts = RolloutDriver(config, fleet, buffer, learners)
     rollouts.sync_weights(version)  # engines start from the learner's weights (the checkpoint's after a resume)

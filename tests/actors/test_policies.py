@@ -4,6 +4,7 @@ vLLM OpenAI server is tested end to end in tests/launch/test_eval.py."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -83,9 +84,10 @@ def test_unreachable_endpoint_gives_empty_replies_counted_after_retries_with_bac
 
 
 def test_vllm_policy_answers_every_state_with_the_tiny_model(tiny_model_dir):
-    policy = make_policy(PolicyConfig(kind="vllm", path=str(tiny_model_dir), max_tokens=24, max_model_len=1024))
+    config = PolicyConfig(kind="vllm", path=str(tiny_model_dir), max_tokens=24, max_model_len=1024)
     games = _games() * 2
-    replies = policy.respond(games)
+    with contextlib.closing(make_policy(config)) as policy:  # its engine core ends here, not at interpreter exit
+        replies = policy.respond(games)
     assert len(replies) == len(games) and all(isinstance(r, str) and r for r in replies)
     assert policy.name == f"vllm:{tiny_model_dir.name}" and policy.failures == 0
     assert len(set(replies)) > 1  # sampled per state, not one answer broadcast

@@ -44,7 +44,7 @@ def fleet(ray_local, tiny_model_dir):
 
     config, _ = load_config([*TINY, "actors.max_new_tokens=8"])
     buffer = cluster.start_buffer(config)
-    actors = cluster.start_rollouts(config, str(tiny_model_dir), buffer, gpu=False)
+    actors = cluster.start_rollouts(config, str(tiny_model_dir), gpu=False)
     yield config, buffer, actors
     for actor in [buffer, *actors.actors]:
         ray_local.kill(actor)
