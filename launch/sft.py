@@ -56,6 +56,7 @@ from learner.sft import SFTExample, cosine_lr, png_bytes, read_split, read_stats
 
 logger = logging.getLogger("sft")
 FILTERS = ("exact", "cells")
+PLAYER_IS_TEACHER = "teacher"  # player.kind: the teacher's own answers move the games on
 
 
 @dataclass(frozen=True)
@@ -118,13 +119,16 @@ class ColdStartConfig:
 
     run: TrainConfig
     teacher: PolicyConfig
+    player: PolicyConfig | None  # None: the teacher's own answers move the games on
     collect: CollectConfig
     sft: SFTConfig
 
     def to_dict(self) -> dict[str, Any]:
+        player = {"kind": PLAYER_IS_TEACHER} if self.player is None else dataclasses.asdict(self.player)
         return {
             **self.run.to_dict(),
             **{k: dataclasses.asdict(getattr(self, k)) for k in ("teacher", "collect", "sft")},
+            "player": player,
         }
 
 
@@ -134,10 +138,12 @@ def load_config(overrides: list[str]) -> ColdStartConfig:
     if not any(o.startswith("model=") for o in overrides) or "model=auto" in overrides:
         overrides = [o for o in overrides if o != "model=auto"] + [f"model={auto_model_name()}"]
     raw = OmegaConf.to_container(compose(overrides, "sft"), resolve=True)
-    sections = {key: raw.pop(key, None) or {} for key in ("teacher", "collect", "sft")}
+    sections = {key: raw.pop(key, None) or {} for key in ("teacher", "player", "collect", "sft")}
+    player = sections["player"]
     config = ColdStartConfig(
         run=resolve(raw),
         teacher=_build(PolicyConfig, sections["teacher"], "teacher"),
+        player=None if player.get("kind") == PLAYER_IS_TEACHER else _build(PolicyConfig, player, "player"),
         collect=_build(CollectConfig, sections["collect"], "collect"),
         sft=_build(SFTConfig, sections["sft"], "sft"),
     )
@@ -147,34 +153,51 @@ def load_config(overrides: list[str]) -> ColdStartConfig:
         f"a multiple of learner.num ({config.run.learner.num})",
         config.sft.batch_size,
     )
+    _require(
+        config.player is None or config.run.pool.mode == "continue",
+        "player.kind",
+        f"{PLAYER_IS_TEACHER} unless pool.mode=continue (only then does a player move the games on)",
+        None if config.player is None else config.player.kind,
+    )
     return config
 
 
 # ----------------------------------------------------------------------------------------------------- collect
 
 
-def collect(pool: GamePool, teacher: Policy, config: CollectConfig) -> tuple[list[SFTExample], dict[str, int]]:
+def collect(
+    pool: GamePool, teacher: Policy, config: CollectConfig, player: Policy | None = None
+) -> tuple[list[SFTExample], dict[str, int]]:
     """G1's teacher trajectories: one teacher response per state, kept when it sees the board right and acts legally.
 
-    With the pool in mode "continue" (`pool.mode=continue`) each slot's game then moves on with the teacher's own
-    answer, so the states are those the teacher's play leads to (after the pool's reset and random steps), not only
-    fresh random boards: a student learns the teacher's strategy where it applies it. Batches are then at most
-    `pool.num_games` states (one per slot).
+    With the pool in mode "continue" (`pool.mode=continue`) each slot's game then moves on, so the states are those
+    that play leads to (after the pool's reset and random steps), not only fresh random boards. Whose play: the
+    teacher's own answers by default, so a student learns the teacher's strategy where it applies it; or `player`'s
+    (DAgger: the student plays, an illegal move of its own is replaced by a random legal one as `pool.advance` does,
+    and the teacher labels every state it reaches), so a student also learns what to do on the boards its own
+    mistakes lead to, which the teacher's play never shows it. Batches are then at most `pool.num_games` states.
 
     Returns:
         The kept examples, and the counts: `states`, `kept`, `rejected_no_reply` (the teacher failed or answered
-        nothing), `rejected_invalid_action` (no legal action), `rejected_perception` (the board misread).
+        nothing), `rejected_invalid_action` (no legal action), `rejected_perception` (the board misread); with a
+        player, `player_illegal` (its moves that were not legal).
     """
     kept: list[SFTExample] = []
     counts = Counter(states=0, kept=0, rejected_no_reply=0, rejected_invalid_action=0, rejected_perception=0)
+    if player is not None:
+        counts["player_illegal"] = 0
     batch = min(config.batch, pool.num_games) if pool.mode == "continue" else config.batch
     while counts["states"] < config.states:
         states = pool.sample(min(batch, config.states - counts["states"]))
-        responses = teacher.respond([state.game for state in states])
-        for state, response in zip(states, responses, strict=True):
+        games = [state.game for state in states]
+        responses = teacher.respond(games)
+        moves = responses if player is None else player.respond(games)
+        for state, response, move in zip(states, responses, moves, strict=True):
             counts["states"] += 1
+            if player is not None:
+                counts["player_illegal"] += state.game.parse_action(move) not in state.game.legal_actions()
             if pool.mode == "continue":
-                pool.advance(state, response)  # the state's own snapshot is not touched
+                pool.advance(state, move)  # the state's own snapshot is not touched
             reason = _rejection(state.game, state.text_observation, response, config)
             if reason:
                 counts[f"rejected_{reason}"] += 1
@@ -211,11 +234,12 @@ def _rejection(game, truth: str, response: str, config: CollectConfig) -> str | 
 def collect_dataset(config: ColdStartConfig, directory: Path) -> dict[str, Any]:
     """Collects the dataset into `directory` (train and validation splits, stats.json); returns the stats."""
     start = time.perf_counter()
-    teacher = make_policy(config.teacher)
-    try:
-        examples, counts = collect(GamePool.from_config(config.run.pool), teacher, config.collect)
-    finally:
-        teacher.close()  # a vllm teacher's engine: its memory goes to the learners that train next
+    with contextlib.ExitStack() as policies:  # a vllm policy's engine: its memory goes to the learners that train next
+        teacher, player = (
+            None if policy is None else policies.enter_context(contextlib.closing(make_policy(policy)))
+            for policy in (config.teacher, config.player)
+        )
+        examples, counts = collect(GamePool.from_config(config.run.pool), teacher, config.collect, player)
     if len(examples) < 2:
         raise RuntimeError(f"the teacher's responses left {len(examples)} examples after G1's filter: {counts}")
     order = np.random.default_rng(config.run.seed).permutation(len(examples))
@@ -224,6 +248,7 @@ def collect_dataset(config: ColdStartConfig, directory: Path) -> dict[str, Any]:
     write_split(directory, "train", [examples[i] for i in order[held_out:]])
     stats = {
         "teacher": teacher.name,
+        "player": teacher.name if player is None else player.name,
         "filter": {"perception": config.collect.perception, "min_perception": config.collect.min_perception},
         "games": sorted({e.game for e in examples}),
         **counts,

@@ -109,6 +109,41 @@ def test_a_continue_pool_collects_along_the_teachers_own_play():
         assert len(changed) == 1 and moved[changed[0][0]][changed[0][1]] == 0  # the move, then one new tile
 
 
+def test_a_player_moves_the_games_on_and_the_teacher_labels_the_states_it_reaches():
+    """DAgger (player.kind=vllm: the student plays): each slot's next state is the board the player's move led to, not
+    the teacher's; the teacher's answers are what is kept; the player's illegal moves are counted and replaced by a
+    random legal one, so its game still moves on."""
+
+    class AlwaysUp:
+        name, failures = "always-up", 0
+
+        def respond(self, games):
+            return ["<answer>up</answer>"] * len(games)
+
+    pool = GamePool([GameSpec(name="2048", random_steps=0)], num_games=3, seed=0, mode="continue")
+    expert = make_policy(PolicyConfig(kind="expert"))
+    kept, counts = collect(pool, expert, CollectConfig(states=30, batch=64), player=AlwaysUp())
+    assert counts["kept"] == 30 and all(e.response.endswith("</answer>") and "<think>" in e.response for e in kept)
+
+    def board(text: str) -> list[list[int]]:
+        return [[0 if v == "-" else int(v) for v in row.split("|")] for row in text.split("\n")]
+
+    up_was_illegal, teacher_differed = 0, 0
+    for first, second in zip(kept[:-3], kept[3:], strict=True):  # batches of 3 (one per slot), slots in order
+        before, after = board(first.text_observation), board(second.text_observation)
+        moved, _ = apply_move(before, 0)  # up
+        if moved == before:  # illegal: a random legal move instead, and the board still changed
+            up_was_illegal += 1
+            assert after != before
+            continue
+        changed = [(r, c) for r in range(4) for c in range(4) if moved[r][c] != after[r][c]]
+        assert len(changed) == 1 and moved[changed[0][0]][changed[0][1]] == 0  # up, then one new tile
+        teacher_differed += envs.make("2048").parse_action(first.response) != 0
+    last_batch = [e for e in kept[-3:] if apply_move(board(e.text_observation), 0)[0] == board(e.text_observation)]
+    assert counts["player_illegal"] == up_was_illegal + len(last_batch) > 0
+    assert teacher_differed > 0  # the teacher would have moved otherwise: the states are the player's
+
+
 def test_dataset_round_trips_with_the_boards_pixels_and_hf_features(tmp_path):
     pool = _pool("swap")
     kept, _ = collect(pool, make_policy(PolicyConfig(kind="expert")), CollectConfig(states=3))
