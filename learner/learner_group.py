@@ -140,6 +140,8 @@ class LearnerGroup:
         self.learners = []
         for rank in range(config.num):
             options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": 1 if use_gpu else 0}
+            if not use_gpu:  # said, not detected: DeepSpeed warns on every rank when it falls back to its CPU one
+                options["runtime_env"] = {"env_vars": {"DS_ACCELERATOR": "cpu"}}
             if placement_group is not None:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group, placement_group_bundle_index=bundle_offset + rank
