@@ -235,10 +235,12 @@ def collect_dataset(config: ColdStartConfig, directory: Path) -> dict[str, Any]:
     """Collects the dataset into `directory` (train and validation splits, stats.json); returns the stats."""
     start = time.perf_counter()
     with contextlib.ExitStack() as policies:  # a vllm policy's engine: its memory goes to the learners that train next
-        teacher, player = (
-            None if policy is None else policies.enter_context(contextlib.closing(make_policy(policy)))
-            for policy in (config.teacher, config.player)
-        )
+
+        def opened(policy: PolicyConfig) -> Policy:
+            return policies.enter_context(contextlib.closing(make_policy(policy)))
+
+        teacher = opened(config.teacher)
+        player = None if config.player is None else opened(config.player)
         examples, counts = collect(GamePool.from_config(config.run.pool), teacher, config.collect, player)
     if len(examples) < 2:
         raise RuntimeError(f"the teacher's responses left {len(examples)} examples after G1's filter: {counts}")

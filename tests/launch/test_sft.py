@@ -49,6 +49,17 @@ class MisreadingExpert:
         return replies
 
 
+def board(text: str) -> list[list[int]]:
+    """A 2048 board from its text observation."""
+    return [[0 if v == "-" else int(v) for v in row.split("|")] for row in text.split("\n")]
+
+
+def assert_moved_then_one_spawn(moved: list[list[int]], after: list[list[int]]) -> None:
+    """`after` is the board `moved` plus exactly one new tile on an empty cell."""
+    changed = [(r, c) for r in range(4) for c in range(4) if moved[r][c] != after[r][c]]
+    assert len(changed) == 1 and moved[changed[0][0]][changed[0][1]] == 0
+
+
 def _pool(game: str = "2048") -> GamePool:
     return GamePool([GameSpec(name=game)], num_games=8, seed=0)
 
@@ -98,15 +109,10 @@ def test_a_continue_pool_collects_along_the_teachers_own_play():
     kept, counts = collect(pool, make_policy(PolicyConfig(kind="expert")), CollectConfig(states=9, batch=64))
     assert counts["kept"] == 9
 
-    def board(text: str) -> list[list[int]]:
-        return [[0 if v == "-" else int(v) for v in row.split("|")] for row in text.split("\n")]
-
     for slot in range(3):
         first, second = kept[slot], kept[slot + 3]  # batches of 3 (one per slot), slots in order
         moved, _ = apply_move(board(first.text_observation), envs.make("2048").parse_action(first.response))
-        after = board(second.text_observation)
-        changed = [(r, c) for r in range(4) for c in range(4) if moved[r][c] != after[r][c]]
-        assert len(changed) == 1 and moved[changed[0][0]][changed[0][1]] == 0  # the move, then one new tile
+        assert_moved_then_one_spawn(moved, board(second.text_observation))
 
 
 def test_a_player_moves_the_games_on_and_the_teacher_labels_the_states_it_reaches():
@@ -125,9 +131,6 @@ def test_a_player_moves_the_games_on_and_the_teacher_labels_the_states_it_reache
     kept, counts = collect(pool, expert, CollectConfig(states=30, batch=64), player=AlwaysUp())
     assert counts["kept"] == 30 and all(e.response.endswith("</answer>") and "<think>" in e.response for e in kept)
 
-    def board(text: str) -> list[list[int]]:
-        return [[0 if v == "-" else int(v) for v in row.split("|")] for row in text.split("\n")]
-
     up_was_illegal, teacher_differed = 0, 0
     for first, second in zip(kept[:-3], kept[3:], strict=True):  # batches of 3 (one per slot), slots in order
         before, after = board(first.text_observation), board(second.text_observation)
@@ -136,8 +139,7 @@ def test_a_player_moves_the_games_on_and_the_teacher_labels_the_states_it_reache
             up_was_illegal += 1
             assert after != before
             continue
-        changed = [(r, c) for r in range(4) for c in range(4) if moved[r][c] != after[r][c]]
-        assert len(changed) == 1 and moved[changed[0][0]][changed[0][1]] == 0  # up, then one new tile
+        assert_moved_then_one_spawn(moved, after)  # up, then one new tile
         teacher_differed += envs.make("2048").parse_action(first.response) != 0
     last_batch = [e for e in kept[-3:] if apply_move(board(e.text_observation), 0)[0] == board(e.text_observation)]
     assert counts["player_illegal"] == up_was_illegal + len(last_batch) > 0
