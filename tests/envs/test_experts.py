@@ -81,6 +81,39 @@ def test_2048_expert_scores_several_times_what_random_play_does():
         assert max(map(max, expert.board)) >= 256 > max(map(max, random.board))
 
 
+def test_2048_corner_expert_takes_the_first_move_of_its_order_that_changes_the_board_and_says_so():
+    """Down moves: down. Down blocked: left. Down and left blocked: right. Only up moves: up. Its reason lists each
+    move it tried until one moved, and a response built on it gets full credit (it is a cold-start teacher)."""
+    boards = {
+        "down": [[2, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],
+        "left": [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 2, 4, 8]],
+        "right": [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [2, 4, 8, 0]],
+        "up": [[0, 0, 0, 0], [0, 0, 0, 0], [2, 4, 8, 16], [4, 8, 16, 32]],
+    }
+    order = ["down", "left", "right", "up"]
+    for answer, board in boards.items():
+        game = Game2048(seed=0, expert="corner")
+        game.set_board(board)
+        move = game.expert_move()
+        assert game.format_action(move.action) == answer
+        tried = order[: order.index(answer)]
+        assert move.reason.endswith(", ".join([f"{m} blocked" for m in tried] + [f"{answer} moves"]) + ".")
+        reward = envs.score(game, envs.expert_response(game))
+        assert (reward.format, reward.perception, reward.valid_action) == (1.0, 1.0, True)
+    with pytest.raises(ValueError, match="'expert'.*'expectimax', 'corner'"):
+        Game2048(seed=0, expert="greedy")
+
+
+def test_2048_corner_expert_beats_random_play_and_the_expectimax_expert_beats_it():
+    """200 moves from reset, seeds 0-3: random legal moves < the corner rule < expectimax (the teacher row)."""
+    scores = {"random": 0.0, "corner": 0.0, "expectimax": 0.0}
+    for seed in range(4):
+        scores["random"] += _play(Game2048(seed=seed), "random", max_steps=200).score
+        for expert in ("corner", "expectimax"):
+            scores[expert] += _play(Game2048(seed=seed, expert=expert), "expert", max_steps=200).score
+    assert 1.3 * scores["random"] < scores["corner"] < scores["expectimax"]
+
+
 def test_shisen_sho_expert_clears_boards_that_random_play_gets_stuck_on():
     """On 8 x 12 boards (24 tile types) random play gets stuck on most deals; the expert clears every one."""
     experts = [_play(ShisenSho(seed=seed, rows=8, cols=12), "expert", 100) for seed in range(4)]
