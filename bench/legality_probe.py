@@ -119,7 +119,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from actors.tiny_model import ensure_tiny_model
+    from actors.tiny_model import TEXT_CONFIG, ensure_tiny_model
 
     torch.set_num_threads(1)
     model_dir = ensure_tiny_model()
@@ -141,7 +141,8 @@ def main() -> None:
         )
     shown = " ".join(f"{fmt}={results.get(fmt, float('nan')):.3f}" for fmt in FORMATS)
     print(
-        f"legality_probe: move={args.move} steps={args.steps} width={args.width or 128} layers={args.layers or 2} "
+        f"legality_probe: move={args.move} steps={args.steps} width={args.width or TEXT_CONFIG['hidden_size']} "
+        f"layers={args.layers or TEXT_CONFIG['num_hidden_layers']} "
         f"majority={majority:.3f} {shown}"
     )
 

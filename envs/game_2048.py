@@ -239,7 +239,8 @@ class Game2048(Game):
             action = next(a for a in CORNER_ORDER if a in moves)
             tried = CORNER_ORDER[: CORNER_ORDER.index(action)]
             checks = [f"{ACTIONS[a]} blocked" for a in tried] + [f"{ACTIONS[action]} moves"]
-            return ExpertMove(action, f"Try down, left, right, up in turn: {', '.join(checks)}.")
+            order = ", ".join(ACTIONS[a] for a in CORNER_ORDER)
+            return ExpertMove(action, f"Try {order} in turn: {', '.join(checks)}.")
         values = expectimax_values(self.board, moves)
         action = max(values, key=values.get)
         # Short on purpose: the legal moves (what a small model must read off the board to answer validly) and the
