@@ -212,7 +212,7 @@ class _Prepared:
 
     state: PooledState
     prompt_text: str
-    engine_input: dict[str, Any]
+    engine_input: dict[str, Any]  # a vLLM prompt dict; in a stream already rendered (VLLMEngine.render)
 
 
 class RolloutActor:
@@ -370,16 +370,24 @@ class RolloutActor:
                 prepared.append(item)
         return prepared, failed
 
-    def _prepare_one(self) -> _Prepared | None:
-        """The pool's next state, rendered and prompted; None (logged) when its game raised."""
+    def _prepare_one(self, render: bool = False) -> _Prepared | None:
+        """The pool's next state with its board image and prompt; None (logged) when its game or its prompt raised.
+
+        Args:
+            render: process the prompt for the engine here too (`VLLMEngine.render`): a stream's preparer thread
+                does, so that this overlaps decoding instead of delaying the request when a slot frees up. A round
+                leaves it to the engine, which processes each prompt as it is submitted while the round's first
+                requests already run.
+        """
         try:
             with self._pool_lock:
                 (state,) = self.pool.sample(1)
+            text = self._chat_prompt(state.prompt)
+            prompt = engine_input(text, state.image)
+            return _Prepared(state, text, self.engine.render(prompt) if render else prompt)
         except Exception:
             logger.exception("%s: preparing a state failed; skipping it", self.name)
             return None
-        text = self._chat_prompt(state.prompt)
-        return _Prepared(state, text, engine_input(text, state.image))
 
     def _chat_prompt(self, instructions: str) -> str:
         text = self._prompt_texts.get(instructions)
@@ -507,7 +515,7 @@ class RolloutActor:
     # What a stream uses (its StreamSource): each keeps the stream's stats, which drain_stats reads meanwhile.
     def _prepare_streamed(self) -> _Prepared | None:
         begin = time.perf_counter()
-        item = self._prepare_one()
+        item = self._prepare_one(render=True)
         with self._stats_lock:
             self._tally.env_s += time.perf_counter() - begin
             self._tally.num_skipped += item is None

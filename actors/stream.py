@@ -1,16 +1,17 @@
 """One `RolloutActor.stream` call: continuous generation into the replay buffer, in three threads.
 
-    preparer thread: pool.sample + chat prompt + engine input, one state at a time, into a bounded queue
+    preparer thread: pool.sample + chat prompt + engine input rendered (tokens, image processed), one state at a
+                     time, into a bounded queue
     caller's thread: a state goes to the engine (n = G samples) whenever one of `max_states_in_flight` slots is free
     pusher thread:   finished requests -> scored on clones -> TrajectoryGroups -> ONE buffer.put_many per batch;
                      at most max_states_in_flight states are submitted and not yet pushed, so a full buffer
                      stalls generation (bounded memory) and a state waits behind at most the buffer and those
                      (launch.config.stream_slots: the staleness bound)
 
-So game stepping, rendering and scoring overlap decoding, and the engine is refilled as soon as a request ends. The
-run schedules; everything else is the actor's own, passed to it explicitly as a `StreamSource`: preparing, submitting,
-scoring and pushing, and the stats that these keep (the actor's tally and `EngineClock`, shared with its rounds and
-read by `drain_stats` while the stream runs).
+So game stepping, rendering, image processing and scoring overlap decoding, and the engine is refilled as soon as a
+request ends. The run schedules; everything else is the actor's own, passed to it explicitly as a `StreamSource`:
+preparing, submitting, scoring and pushing, and the stats that these keep (the actor's tally and `EngineClock`, shared
+with its rounds and read by `drain_stats` while the stream runs).
 """
 
 from __future__ import annotations

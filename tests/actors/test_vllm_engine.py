@@ -96,15 +96,18 @@ def test_logprobs_are_the_masked_softmax_the_learner_computes(actor, hf_model, t
 def test_weight_load_changes_greedy_outputs_and_the_originals_restore_them(actor, hf_model):
     engine = actor.engine
     prompts = prompts_of(engine)
+    rendered = [engine.render(p) for p in prompts]  # as the actor prepares states: before the weights change
     original = {name: tensor.clone() for name, tensor in hf_model.state_dict().items()}
     before = greedy(engine, prompts)
     assert greedy(engine, prompts) == before  # greedy decoding is deterministic: differences come from the weights
+    assert greedy(engine, rendered) == before
 
     generator = torch.Generator().manual_seed(0)
     perturbed = {n: t + 0.2 * torch.randn(t.shape, generator=generator) for n, t in original.items()}
     assert actor.load_weights(perturbed, version=1)
-    changed = greedy(engine, prompts)  # image prompts right after a load: the encoder cache was reset
+    changed = greedy(engine, rendered)  # image prompts right after a load: the encoder cache was reset
     assert changed != before
+    assert greedy(engine, prompts) == changed
     assert actor.load_weights(original.items(), version=2)
     assert greedy(engine, prompts) == before
     assert actor.get_policy_version() == 2
@@ -153,6 +156,25 @@ def test_a_game_that_raises_costs_only_its_own_states(actor, caplog, monkeypatch
     assert {g.game for g in result.groups} == {"2048"}
     assert "tetris broke" in caplog.text
     assert stats.num_responses == 2 * G and stats.tokens_generated > 0
+
+
+def test_a_stream_renders_its_states_ahead_and_a_prompt_that_fails_to_render_costs_only_its_state(
+    actor, caplog, monkeypatch
+):
+    # What a stream's preparer thread calls (its StreamSource.prepare): the prompt leaves it processed for the engine.
+    item = actor._prepare_streamed()
+    assert item.engine_input["type"] == "multimodal" and len(item.engine_input["prompt_token_ids"]) > 0
+    render = actor.engine.render
+
+    def render_or_fail(prompt):
+        if "tetris" in prompt["prompt"].lower():
+            raise ValueError("tetris prompt rejected")
+        return render(prompt)
+
+    monkeypatch.setattr(actor.engine, "render", render_or_fail)
+    items = [actor._prepare_streamed() for _ in range(4)]  # the pool alternates 2048 / tetris slots
+    assert sum(item is None for item in items) == 2 and "tetris prompt rejected" in caplog.text
+    assert actor.drain_stats().num_skipped == 2  # counted in the stream's stats, as a game that raised would be
 
 
 def test_a_model_without_weight_files_runs_on_random_weights(tmp_path):
