@@ -91,6 +91,7 @@ VISION_CONFIG = dict(
 # Boards are resized to at most 48 merged 28x28 cells (e.g. 196x224 px): 48 image tokens per prompt.
 IMAGE_MIN_PIXELS = 4 * 28 * 28
 IMAGE_MAX_PIXELS = 48 * 28 * 28
+QWEN_MAX_PIXELS = 16384 * 28 * 28  # Qwen2.5-VL's own processor cap: a 644 x 840 board is 690 image tokens
 CORPUS_SEEDS = 4  # episodes per game in the tokenizer corpus
 CORPUS_STEPS = 6  # random steps per episode
 
@@ -183,6 +184,16 @@ def build_processor(tokenizer):
         video_processor=video_processor,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def set_pixel_cap(model_dir: str | os.PathLike, max_pixels: int) -> None:
+    """Sets the saved processor's pixel cap (images and videos), e.g. to Qwen's own, so that boards get as many
+    image tokens as the real model would give them: the tiny cap hides errors that only long image runs show."""
+    path = Path(model_dir) / "processor_config.json"
+    processor = json.loads(path.read_text())
+    for key in ("image_processor", "video_processor"):
+        processor[key]["size"]["longest_edge"] = max_pixels
+    path.write_text(json.dumps(processor, indent=2))
 
 
 def build_config(tokenizer, text_config: dict, vision_config: dict, vocab_size: int | None, dtype: str):

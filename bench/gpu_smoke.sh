@@ -6,6 +6,7 @@
 #
 # Checks, each printing one line `gpu_smoke <check>: ok|FAIL|skipped s=<seconds> <details>`:
 #   env           torch sees the GPU(s); vLLM, Ray and DeepSpeed import
+#   learner       bench/learner_step.py: the learner's update on full-size boards, no vLLM (its summary line)
 #   vllm          vLLM on CUDA: bench/rollout.py's rounds of the real rollout actor (its summary line)
 #   nccl          the NCCL weight transfer, inside train_sync: with two GPUs or more the learner and the engine have
 #                 their own and weight_sync.backend=auto picks NCCL. With one GPU it is skipped: NCCL refuses two
@@ -57,6 +58,9 @@ run_check env "env:" "$PY" -c "$env_check"
 if [ "$MODEL" != tiny ] && [ "$GPUS" -lt 1 ]; then
     report env FAIL 0 "no GPU visible to torch (SMOKE_MODEL=tiny runs the commands on CPU)"
 fi
+
+# ---- the learner alone (no vLLM): GRPO updates of the model, DeepSpeed ZeRO-3 in bf16, on full-size boards
+run_check learner "learner_step:" "$PY" -P bench/learner_step.py --model "$MODEL" --micro-batch-size 2 --updates 2
 
 # ---- vLLM on CUDA: the rollout actor's rounds beside plain vLLM on the same prompts
 run_check vllm "rollout:" "$PY" -P bench/rollout.py --model "$MODEL" --states 8 --in-flight 4 --group-size 2 \

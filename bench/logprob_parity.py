@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from actors.config import RolloutConfig  # noqa: E402
 from actors.models import QWEN2_5_VL_3B_VISION  # noqa: E402
 from actors.rollout_actor import RolloutActor  # noqa: E402
-from actors.tiny_model import TEXT_CONFIG, build_tiny_model  # noqa: E402
+from actors.tiny_model import QWEN_MAX_PIXELS, TEXT_CONFIG, build_tiny_model, set_pixel_cap  # noqa: E402
 from envs import GameSpec, PoolConfig  # noqa: E402
 from learner import GRPOConfig, LearnerConfig  # noqa: E402
 from learner.grpo_learner import Learner  # noqa: E402
@@ -59,7 +59,6 @@ VISION3B = dict(QWEN2_5_VL_3B_VISION, depth=4, fullatt_block_indexes=[1, 3], hid
 VISION3B.update(intermediate_size=856, out_hidden_size=512)
 TEXT3B = dict(TEXT_CONFIG, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
 TEXT3B.update(num_key_value_heads=2, rope_parameters={**TEXT_CONFIG["rope_parameters"], "mrope_section": [16, 24, 24]})
-QWEN_MAX_PIXELS = 16384 * 28 * 28  # Qwen2.5-VL's processor default
 ABLATIONS = (None, "positions", "temperature")
 GAMES = ("tetris", "2048", "shisen_sho", "swap")
 
@@ -85,11 +84,7 @@ class AblatedLearner(Learner):
 def build_vision3b(out_dir: Path) -> Path:
     """The vision3b model directory: real random weights (seed 0), the tiny tokenizer, Qwen's pixel cap."""
     build_tiny_model(out_dir, seed=0, text_config=TEXT3B, vision_config=VISION3B)
-    path = out_dir / "processor_config.json"
-    processor = json.loads(path.read_text())
-    for key in ("image_processor", "video_processor"):
-        processor[key]["size"]["longest_edge"] = QWEN_MAX_PIXELS
-    path.write_text(json.dumps(processor, indent=2))
+    set_pixel_cap(out_dir, QWEN_MAX_PIXELS)
     return out_dir
 
 

@@ -37,7 +37,7 @@ import ray
 from deepspeed.ops.adam import DeepSpeedCPUAdam  # isort: skip
 
 from actors.vocab import allowed_token_ids
-from learner import checkpoint
+from learner import checkpoint, vision_attention
 from learner.batch import MicroBatch, Sample, collate, encode_groups, encode_sft
 from learner.config import GRPOConfig, LearnerConfig, WeightSyncConfig
 from learner.grpo import aggregate, behaviour_weights, entropy_from_logits, kl_penalty, policy_loss
@@ -64,7 +64,7 @@ _SUM_KEYS = (
     "optim/steps",
     "optim/skipped_steps",
 )
-_MAX_KEYS = ("policy/is_max",)
+_MAX_KEYS = ("policy/is_max", "perf/peak_memory_gib")  # the second on GPU only: the update's peak allocation
 # Rows x positions of logits normalised at once: bounds the fp32 (rows, V) temporaries of the log-softmax and
 # entropy (4096 x 151936 x 4 bytes = 2.5 GB for Qwen2.5-VL's vocabulary) whatever the response length.
 _LOGIT_CHUNK_ROWS = 4096
@@ -163,17 +163,23 @@ class Learner:
         return ds
 
     def _load_model(self, dtype: torch.dtype) -> Qwen2_5_VLForConditionalGeneration:
-        # Every rank loads the whole model into host memory and deepspeed.initialize partitions it. Loading straight
+        # Every rank loads the whole model (into host memory; a random one on its device) and deepspeed.initialize
+        # partitions it. Loading straight
         # into shards needs transformers' HfDeepSpeedConfig, which requires the `accelerate` package (not installed).
         # The config is left as the model directory has it (checkpoints save it): forwards pass use_cache=False.
         if not any(Path(self.config.model_dir).glob("*.safetensors")):  # a random-init model (config only)
             # Drawn from its own stream seeded alike every time, so the reference equals the initial policy (and a
             # restarted learner group without a checkpoint starts from the same weights); the global RNG is untouched.
+            # Drawn on the learner's device: a 3B model's random init takes minutes on one CPU thread.
             config = AutoConfig.from_pretrained(self.config.model_dir)
-            with torch.random.fork_rng(devices=[]):
+            cuda = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda), self.device:
                 torch.manual_seed(self.config.seed)
-                return Qwen2_5_VLForConditionalGeneration._from_config(config, torch_dtype=dtype)
-        return Qwen2_5_VLForConditionalGeneration.from_pretrained(self.config.model_dir, dtype=dtype)
+                model = Qwen2_5_VLForConditionalGeneration._from_config(config, torch_dtype=dtype)
+        else:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.config.model_dir, dtype=dtype)
+        model.model.visual.config._attn_implementation = vision_attention.NAME  # one SDPA call a layer, not a window
+        return model
 
     # ----------------------------------------------------------------------------------------------------- update
 
@@ -190,9 +196,12 @@ class Learner:
             `policy/is_max`, `policy/is_truncated_share` (the importance weight learner/sampler before its
             truncation at `grpo.is_cap`, over the same tokens; with `grpo.objective=decoupled` the share is that
             of the tokens dropped), `optim/grad_norm`,
-            `optim/lr`, `optim/steps`, `optim/skipped_steps` (in this update), `perf/update_s`.
+            `optim/lr`, `optim/steps`, `optim/skipped_steps` (in this update), `perf/update_s`, and on GPU
+            `perf/peak_memory_gib` (the update's peak allocation, the largest over ranks).
         """
         start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         groups, lost = _resolve_all(groups)
         # A group whose producer died can't be read (its process owned the object). Every rank must take the same
         # optimizer steps, so when any rank lost a group, all of them skip this update and the driver counts it.
@@ -402,6 +411,8 @@ class Learner:
     def _reduce_metrics(self, sums: dict[str, float], elapsed: float) -> dict[str, float]:
         # Every rank sums the same keys (_SUM_KEYS) in one all-reduce and maxes _MAX_KEYS in another; step counters
         # are global already, so /W.
+        cuda = self.device.type == "cuda"
+        sums["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else 0.0
         totals = dict(
             zip(_SUM_KEYS, self._all_reduce(torch.tensor([sums[k] for k in _SUM_KEYS])).tolist(), strict=True)
         )
@@ -410,6 +421,8 @@ class Learner:
         metrics.update({k: totals[k] / max(totals["tokens"], 1.0) for k in _TOKEN_METRICS})
         metrics.update({k: totals[k] / max(totals["first_pass_tokens"], 1.0) for k in _FIRST_PASS_METRICS})
         metrics.update(zip(_MAX_KEYS, maxima, strict=True))
+        if not cuda:
+            del metrics["perf/peak_memory_gib"]
         metrics.update(self._optimizer_metrics(totals))
         metrics["optim/lr"] = float(self.scheduler.get_last_lr()[0])
         metrics["perf/update_s"] = elapsed
