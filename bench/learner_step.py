@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--updates", type=int, default=3)
     parser.add_argument("--micro-batch-size", type=int, default=1, help="learner.micro_batch_size (train.yaml: 1)")
+    parser.add_argument("--micro-batch-tokens", type=int, help="learner.micro_batch_tokens (packs by size instead)")
     parser.add_argument("--minibatches", type=int, default=2, help="grpo.num_minibatches: optimizer steps per update")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -114,7 +115,11 @@ def main() -> None:
         processor = AutoProcessor.from_pretrained(model_dir)
         groups = make_groups(processor, args.game, args.states, args.group_size, args.seed)
         config = LearnerConfig(
-            model_dir=str(model_dir), micro_batch_size=args.micro_batch_size, gradient_checkpointing=True, lr=1e-6
+            model_dir=str(model_dir),
+            micro_batch_size=args.micro_batch_size,
+            micro_batch_tokens=args.micro_batch_tokens,
+            gradient_checkpointing=True,
+            lr=1e-6,
         )
         grpo = GRPOConfig(kl_coef=1e-2, num_minibatches=args.minibatches)  # train.yaml's KL: a reference model too
         group = LearnerGroup(config, grpo, WeightSyncConfig(), num_cpus=1, use_gpu=cuda)

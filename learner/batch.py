@@ -127,6 +127,42 @@ def _pad(rows: list[torch.Tensor], length: int, value: float | int, dtype: torch
     return out
 
 
+def split_by_tokens(lengths: list[int], budget: int, count: int | None = None) -> list[list[int]]:
+    """Consecutive runs of sample indices whose padded size (samples x the longest) stays within `budget` tokens.
+
+    In order, because the loss and the precomputed log-probs follow the samples' order; a sample longer than the
+    budget goes alone. With `count` the fullest run with two samples or more is halved until there are `count` runs:
+    every rank of a ZeRO-3 world must run as many forwards.
+
+    Args:
+        lengths: (N,) each sample's sequence length (prompt + response).
+        budget: the most padded tokens a micro-batch holds, unless one sample alone is longer.
+        count: how many runs to return, from the greedy number up to N; None: the greedy number.
+
+    Returns:
+        The runs, each a list of consecutive indices, together covering 0..N-1.
+    """
+    runs: list[list[int]] = []
+    for i, length in enumerate(lengths):
+        if runs and (len(runs[-1]) + 1) * max(length, *(lengths[j] for j in runs[-1])) <= budget:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    if count is not None:
+        if not len(runs) <= count <= len(lengths):
+            raise ValueError(f"cannot split {len(lengths)} samples into {count} runs (at least {len(runs)})")
+        while len(runs) < count:
+            k = max((k for k, run in enumerate(runs) if len(run) > 1), key=lambda k: padded_tokens(runs[k], lengths))
+            half = len(runs[k]) // 2
+            runs[k : k + 1] = [runs[k][:half], runs[k][half:]]
+    return runs
+
+
+def padded_tokens(run: list[int], lengths: list[int]) -> int:
+    """The tokens a micro-batch of the samples `run` takes, padding included."""
+    return len(run) * max(lengths[j] for j in run)
+
+
 def collate(
     samples: list[Sample],
     images: list[ImageInputs],

@@ -100,6 +100,11 @@ class LearnerConfig:
     """Clip the global gradient norm to this; 0 disables clipping."""
     micro_batch_size: int = 8
     """Sequences per forward/backward; a minibatch is accumulated over as many micro-batches as it needs."""
+    micro_batch_tokens: int | None = None
+    """Packs micro-batches by size instead: consecutive sequences while (sequences x the longest, padding included)
+    stays within this many tokens, a longer sequence alone (verl's dynamic batch size). Fewer, fuller forwards where
+    sequences are short (ZeRO-3's per-module cost is paid once per forward), no out-of-memory where they are long.
+    Every rank runs as many micro-batches as the rank that needs the most. None: `micro_batch_size` sequences each."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, ~30% more compute)."""
     freeze_vision: bool = False
@@ -134,6 +139,8 @@ class LearnerConfig:
         _require(self.grad_clip >= 0.0, "learner.grad_clip", "a number >= 0", self.grad_clip)
         _require(self.temperature > 0.0, "learner.temperature", "a number > 0", self.temperature)
         _require(self.micro_batch_size >= 1, "learner.micro_batch_size", "an integer >= 1", self.micro_batch_size)
+        tokens = self.micro_batch_tokens
+        _require(tokens is None or tokens >= 1, "learner.micro_batch_tokens", "None or an integer >= 1", tokens)
         cap = self.max_response_len
         _require(cap is None or cap >= 1, "learner.max_response_len", "None or an integer >= 1", cap)
         threshold = self.param_persistence_threshold

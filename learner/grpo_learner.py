@@ -38,7 +38,7 @@ from deepspeed.ops.adam import DeepSpeedCPUAdam  # isort: skip
 
 from actors.vocab import allowed_token_ids
 from learner import checkpoint, vision_attention
-from learner.batch import MicroBatch, Sample, collate, encode_groups, encode_sft
+from learner.batch import MicroBatch, Sample, collate, encode_groups, encode_sft, split_by_tokens
 from learner.config import GRPOConfig, LearnerConfig, WeightSyncConfig
 from learner.grpo import aggregate, behaviour_weights, entropy_from_logits, kl_penalty, policy_loss
 from learner.sft import SFTExample, sft_loss
@@ -232,12 +232,19 @@ class Learner:
         self.step += 1
         return self._reduce_metrics(sums, time.perf_counter() - start)
 
-    def _micro_batches(self, samples: list[Sample], images, response_len: int) -> list[MicroBatch]:
-        size, ids = self.config.micro_batch_size, (self.pad_id, self.filler_id, self.image_token_id)
-        return [
-            collate(samples[i : i + size], images, response_len, *ids, self.device)
-            for i in range(0, len(samples), size)
-        ]
+    def _micro_batches(self, samples: list[Sample], images, response_len: int) -> list[tuple[list[int], MicroBatch]]:
+        """This rank's micro-batches, each with the indices of its samples (consecutive, in order). Collective when
+        `micro_batch_tokens` is set: the ranks agree on how many micro-batches each runs."""
+        ids = (self.pad_id, self.filler_id, self.image_token_id)
+        if self.config.micro_batch_tokens is None:
+            size = self.config.micro_batch_size
+            runs = [list(range(i, min(i + size, len(samples)))) for i in range(0, len(samples), size)]
+        else:
+            lengths = [len(s.prompt_ids) + s.response_len for s in samples]
+            greedy = len(split_by_tokens(lengths, self.config.micro_batch_tokens))
+            count = int(self._all_reduce(torch.tensor([greedy]), dist.ReduceOp.MAX))
+            runs = split_by_tokens(lengths, self.config.micro_batch_tokens, count)
+        return [(run, collate([samples[i] for i in run], images, response_len, *ids, self.device)) for run in runs]
 
     def _logprobs(
         self, engine, mb: MicroBatch, temperature: float, with_entropy: bool = False
@@ -302,11 +309,10 @@ class Learner:
     @torch.no_grad()
     def _precompute(self, samples: list[Sample], images, response_len: int, engine, field: str) -> None:
         """Stores each sample's log-probs under `engine`'s current weights (old policy or reference) in `field`."""
-        size = self.config.micro_batch_size
-        for i, mb in enumerate(self._micro_batches(samples, images, response_len)):
+        for run, mb in self._micro_batches(samples, images, response_len):
             logprobs, _ = self._logprobs(engine, mb, self.config.temperature)
-            for sample, row in zip(samples[i * size : (i + 1) * size], logprobs.cpu(), strict=True):
-                setattr(sample, field, row[: sample.response_len].clone())
+            for i, row in zip(run, logprobs.cpu(), strict=True):
+                setattr(samples[i], field, row[: samples[i].response_len].clone())
 
     @torch.no_grad()
     def response_logprobs(self, groups: list[TrajectoryGroup | Any]) -> list[list[list[float]]]:
@@ -346,7 +352,7 @@ class Learner:
     def _train_minibatch(self, samples, images, response_len: int, sums: dict[str, float], first_pass: bool) -> None:
         """Accumulates the minibatch's gradients over its micro-batches and takes one optimizer step."""
         g = self.grpo
-        micro = self._micro_batches(samples, images, response_len)
+        micro = [mb for _, mb in self._micro_batches(samples, images, response_len)]
         total_units = float(self._all_reduce(torch.tensor([sum(self._units(mb.mask) for mb in micro)])))
         for mb in micro:
             logprobs, entropies = self._logprobs(self.engine, mb, self.config.temperature, with_entropy=True)
@@ -657,7 +663,7 @@ class Learner:
         longest = max((s.response_len for s in samples), default=1)
         response_len = int(self._all_reduce(torch.tensor([longest]), dist.ReduceOp.MAX))
         total_tokens = float(self._all_reduce(torch.tensor([sum(s.response_len for s in samples)])))
-        return self._micro_batches(samples, images, response_len), total_tokens
+        return [mb for _, mb in self._micro_batches(samples, images, response_len)], total_tokens
 
 
 def _resolve_all(items: list[Any]) -> tuple[list[TrajectoryGroup], int]:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from learner.batch import collate, encode_groups
+from learner.batch import collate, encode_groups, padded_tokens, split_by_tokens
 
 
 def test_samples_carry_group_advantages_and_sampler_logprobs(processor, make_groups):
@@ -52,3 +52,18 @@ def test_prompt_image_mismatch_is_rejected(processor, make_groups):
     cut = dataclasses.replace(group, prompt_ids=[t for t in group.prompt_ids if t != pad][:-1] + [pad])
     with pytest.raises(ValueError, match="prompt has 1 image pads but the image gives"):
         encode_groups([cut], processor, normalize_std=True, eps=1e-6)
+
+
+def test_split_by_tokens_packs_consecutive_samples_within_the_budget():
+    lengths = [300, 250, 1200, 100, 120, 90, 700, 80]  # prompt + response tokens, as a rank's samples
+    runs = split_by_tokens(lengths, budget=600)
+    assert runs == [[0, 1], [2], [3, 4, 5], [6], [7]]  # 1200 and 700 exceed the budget alone: one sample each
+    assert all(padded_tokens(run, lengths) <= 600 for run in runs if len(run) > 1)
+
+    # Forced to more runs (another rank needs 7): the fullest runs are halved, order and coverage kept.
+    forced = split_by_tokens(lengths, budget=600, count=7)
+    assert len(forced) == 7 and [i for run in forced for i in run] == list(range(8))
+    assert max(padded_tokens(run, lengths) for run in forced if len(run) > 1) <= 360
+    assert split_by_tokens(lengths, budget=10_000) == [list(range(8))]
+    with pytest.raises(ValueError, match="into 9 runs"):
+        split_by_tokens(lengths, budget=600, count=9)

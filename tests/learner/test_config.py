@@ -18,6 +18,7 @@ from learner.config import CheckpointConfig, GRPOConfig, LearnerConfig, WeightSy
         (LearnerConfig(model_dir=""), "learner.model_dir='' is not allowed"),
         (LearnerConfig(model_dir="m", deepspeed_config="zero2"), "learner.deepspeed_config='zero2' is not allowed"),
         (LearnerConfig(model_dir="m", micro_batch_size=0), "learner.micro_batch_size=0 is not allowed"),
+        (LearnerConfig(model_dir="m", micro_batch_tokens=0), "learner.micro_batch_tokens=0 is not allowed"),
         (WeightSyncConfig(backend="mpi"), "weight_sync.backend='mpi' is not allowed: expected one of ('auto', 'gloo'"),
         (WeightSyncConfig(bucket_mb=0), "weight_sync.bucket_mb=0 is not allowed"),
         (CheckpointConfig(every_steps=-1), "checkpoint.every_steps=-1 is not allowed"),
