@@ -60,7 +60,7 @@ if [ "$MODEL" != tiny ] && [ "$GPUS" -lt 1 ]; then
 fi
 
 # ---- the learner alone (no vLLM): GRPO updates of the model, DeepSpeed ZeRO-3 in bf16, on full-size boards
-run_check learner "learner_step:" "$PY" -P bench/learner_step.py --model "$MODEL" --micro-batch-size 2 --updates 2
+run_check learner "learner_step:" "$PY" -P bench/learner_step.py --model "$MODEL" --micro-batch-tokens 8192 --updates 2
 
 # ---- vLLM on CUDA: the rollout actor's rounds beside plain vLLM on the same prompts
 run_check vllm "rollout:" "$PY" -P bench/rollout.py --model "$MODEL" --states 8 --in-flight 4 --group-size 2 \
