@@ -164,16 +164,16 @@ class Learner:
 
     def _load_model(self, dtype: torch.dtype) -> Qwen2_5_VLForConditionalGeneration:
         # Every rank loads the whole model (into host memory; a random one on its device) and deepspeed.initialize
-        # partitions it. Loading straight
-        # into shards needs transformers' HfDeepSpeedConfig, which requires the `accelerate` package (not installed).
+        # partitions it. Loading straight into shards needs transformers' HfDeepSpeedConfig, which requires the
+        # `accelerate` package (not installed).
         # The config is left as the model directory has it (checkpoints save it): forwards pass use_cache=False.
         if not any(Path(self.config.model_dir).glob("*.safetensors")):  # a random-init model (config only)
             # Drawn from its own stream seeded alike every time, so the reference equals the initial policy (and a
             # restarted learner group without a checkpoint starts from the same weights); the global RNG is untouched.
             # Drawn on the learner's device: a 3B model's random init takes minutes on one CPU thread.
             config = AutoConfig.from_pretrained(self.config.model_dir)
-            cuda = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda), self.device:
+            rng_devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=rng_devices), self.device:
                 torch.manual_seed(self.config.seed)
                 model = Qwen2_5_VLForConditionalGeneration._from_config(config, torch_dtype=dtype)
         else:
