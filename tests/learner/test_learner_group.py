@@ -67,7 +67,9 @@ def test_two_rank_seq_mean_epochs_and_dual_clip_step_as_one_rank(new_learner_gro
     assert metrics["policy/logprob_diff"] < 1e-5 and metrics["loss/kl"] > 0
 
 
-def test_micro_batches_packed_by_tokens_step_as_micro_batches_by_count(new_learner_group, sampled_groups):
+def test_micro_batches_packed_by_tokens_step_as_micro_batches_by_count(
+    learners_1, reset_learners, new_learner_group, sampled_groups
+):
     # learner.micro_batch_tokens: each rank packs its samples by size, and the two ranks need different numbers of
     # micro-batches; they must agree on one (ZeRO-3's forwards are collective) and step as one rank does by count.
     groups = sampled_groups(4, seed=60)
@@ -78,12 +80,12 @@ def test_micro_batches_packed_by_tokens_step_as_micro_batches_by_count(new_learn
 
     longest = max(len(g.prompt_ids) + len(r) for g in groups for r in g.response_ids)
     budget = next(b for b in range(longest, 8 * longest) if greedy_count(0, b) != greedy_count(1, b))
-    learners = [new_learner_group(1), new_learner_group(2, micro_batch_tokens=budget)]
+    reset_learners(learners_1)  # micro-batches of 3 sequences
+    packed = new_learner_group(2, micro_batch_tokens=budget)
     try:
-        _assert_same_step(*learners, groups, steps=2)
+        _assert_same_step(learners_1, packed, groups, steps=2)
     finally:
-        for group in learners:
-            group.shutdown()
+        packed.shutdown()
 
 
 def test_non_finite_batch_skips_the_step_and_training_goes_on(learners_2, sampled_groups):
