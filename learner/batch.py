@@ -143,8 +143,8 @@ def split_by_tokens(lengths: list[int], budget: int, count: int | None = None) -
         The runs, each a list of consecutive indices, together covering 0..N-1.
     """
     runs: list[list[int]] = []
-    for i, length in enumerate(lengths):
-        if runs and (len(runs[-1]) + 1) * max(length, *(lengths[j] for j in runs[-1])) <= budget:
+    for i in range(len(lengths)):
+        if runs and padded_tokens([*runs[-1], i], lengths) <= budget:
             runs[-1].append(i)
         else:
             runs.append([i])

@@ -54,7 +54,7 @@ def padded_window_attention(
     lengths = cu[1:] - cu[:-1]  # (W,)
     tokens, windows = query.shape[2], lengths.shape[0]
     longest = int(max_length_q) if max_length_q is not None else int(lengths.max())
-    arange = torch.arange(max(tokens, longest), device=query.device)
+    arange = torch.arange(tokens, device=query.device)  # windows <= longest <= tokens
     window = torch.repeat_interleave(arange[:windows], lengths, output_size=tokens)  # (N,) each token's window
     offset = arange[:tokens] - cu[window]  # (N,) its place in that window
 
