@@ -1,7 +1,9 @@
 """From trajectory groups to model inputs: samples with advantages, then padded micro-batches.
 
 Pure torch plus the model directory's image processor; no DeepSpeed, so it is tested and read on its own. The image of
-a group is processed once and shared by its G samples; each micro-batch concatenates the pixel patches of its samples.
+a group is processed once and shared by its G samples, and a micro-batch carries each of its images once: the learner
+encodes them once per pass and gives every sample its image's features (`MicroBatch.sample_image`), where a
+transformers forward on per-sample pixels would run the vision tower G times on the same board.
 
 Layout of one sample: `input_ids = prompt_ids + response_ids`. The logits at position `P - 1 + t` predict response
 token `t`, so a micro-batch asks the model for the logits of positions `keep` only (the span covering every response
@@ -60,8 +62,9 @@ class MicroBatch:
     input_ids: torch.Tensor  # (B, L) right-padded
     attention_mask: torch.Tensor  # (B, L)
     mm_token_type_ids: torch.Tensor  # (B, L) int32: 1 on image tokens, 0 elsewhere (selects the 3-D positions)
-    pixel_values: torch.Tensor  # (sum of patches, D)
-    image_grid_thw: torch.Tensor  # (B, 3): one image per sample
+    pixel_values: torch.Tensor  # (patches of the distinct images, D)
+    image_grid_thw: torch.Tensor  # (I, 3): the micro-batch's distinct images, in the order of their first sample
+    sample_image: list[int]  # (B,) each sample's image, an index into image_grid_thw
     keep: torch.Tensor  # (K,) positions whose logits are computed
     index: torch.Tensor  # (B, T) position in `keep` of the logits predicting each response token
     targets: torch.Tensor  # (B, T) response ids; padding replaced by an allowed id (never -inf in a gather)
@@ -172,7 +175,7 @@ def collate(
     image_token_id: int,
     device: torch.device,
 ) -> MicroBatch:
-    """Pads a few samples into one micro-batch.
+    """Pads a few samples into one micro-batch, with each of their images once.
 
     Args:
         samples: the micro-batch's samples.
@@ -202,12 +205,14 @@ def collate(
         rows = [getattr(s, name) for s in samples]
         return None if rows[0] is None else _pad(rows, response_len, 0.0, torch.float32).to(device)
 
+    distinct = list(dict.fromkeys(s.image for s in samples))  # (I,) indices into `images`, first use first
     return MicroBatch(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         mm_token_type_ids=(input_ids == image_token_id).to(device, torch.int32),
-        pixel_values=torch.cat([images[s.image].pixel_values for s in samples]).to(device),
-        image_grid_thw=torch.cat([images[s.image].image_grid_thw for s in samples]).to(device),
+        pixel_values=torch.cat([images[i].pixel_values for i in distinct]).to(device),
+        image_grid_thw=torch.cat([images[i].image_grid_thw for i in distinct]).to(device),
+        sample_image=[distinct.index(s.image) for s in samples],
         keep=keep.to(device),
         index=index.to(device),
         targets=targets.to(device),

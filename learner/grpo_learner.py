@@ -30,6 +30,7 @@ import torch._dynamo  # noqa: F401  (imported for its side effect, before deepsp
 import torch.distributed as dist
 import torch.utils.checkpoint
 from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import deepspeed  # isort: skip
 import ray
@@ -252,7 +253,10 @@ class Learner:
         """Log-probs of the response tokens as vLLM's sampler reports them ("processed" log-probs).
 
         That is: the model run with the multimodal RoPE positions (`mb.mm_token_type_ids`), its logits divided by
-        the sampling temperature, banned tokens masked (actors/vocab.py), then normalised. The normaliser is a
+        the sampling temperature, banned tokens masked (actors/vocab.py), then normalised. The vision tower runs on
+        the micro-batch's distinct images only, and each sample gets its image's features through transformers'
+        `mm_encoder_outputs`: a group's G samples share one board, which would otherwise be encoded G times (at
+        Qwen's pixel cap the tower's share of a 3B forward is about a third). The normaliser is a
         logsumexp over chunks of positions, each recomputed in backward (checkpointed), and only the target logits
         are gathered: beside the model's own (B, K, V) logits no full-vocabulary copy is kept.
 
@@ -266,12 +270,14 @@ class Learner:
         Returns:
             `(B, T)` log-probs (with grad when grad is enabled), and `(B, T)` entropies in nats or None.
         """
+        features = engine.module.get_image_features(mb.pixel_values, mb.image_grid_thw).pooler_output  # (I,) tensors
+        encoded = BaseModelOutputWithPooling(pooler_output=[features[i] for i in mb.sample_image])  # (B,) tensors
         out = engine(
             input_ids=mb.input_ids,
             attention_mask=mb.attention_mask,
             mm_token_type_ids=mb.mm_token_type_ids,
-            pixel_values=mb.pixel_values,
-            image_grid_thw=mb.image_grid_thw,
+            image_grid_thw=mb.image_grid_thw[mb.sample_image],  # (B, 3): the positions of each sample's image tokens
+            mm_encoder_outputs={"image": encoded},
             logits_to_keep=mb.keep,
             use_cache=False,
         )

@@ -42,8 +42,25 @@ def test_index_selects_the_positions_that_predict_each_response_token(processor,
     assert mb.sampler_logprobs.shape == (3, response_len) and mb.old_logprobs is None
     # The image tokens, and only they, select Qwen2.5-VL's 3-D positions: one image's worth per sample.
     tokens_per_image = (mb.image_grid_thw.prod(dim=1) // processor.image_processor.merge_size**2).tolist()
-    assert mb.mm_token_type_ids.sum(dim=1).tolist() == tokens_per_image
+    assert mb.mm_token_type_ids.sum(dim=1).tolist() == [tokens_per_image[i] for i in mb.sample_image]
     assert torch.equal(mb.mm_token_type_ids.bool(), mb.input_ids == image_pad)
+
+
+def test_a_micro_batch_carries_each_board_once_and_maps_every_sample_to_its_own(processor, make_groups):
+    groups = make_groups(3, seed=3)  # boards of three sizes, of two image-token counts
+    samples, images = encode_groups(groups, processor, normalize_std=True, eps=1e-6)
+    picked = [samples[1], samples[6], samples[0], samples[7], samples[9]]  # groups 0, 1, 0, 1, 2
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    mb = collate(picked, images, 16, pad_id=0, filler_id=7, image_token_id=image_pad, device=torch.device("cpu"))
+    assert mb.sample_image == [0, 1, 0, 1, 2]
+    assert torch.equal(
+        mb.image_grid_thw, torch.cat([images[0].image_grid_thw, images[1].image_grid_thw, images[2].image_grid_thw])
+    )
+    assert torch.equal(mb.pixel_values, torch.cat([images[i].pixel_values for i in range(3)]))
+    # Each sample's image tokens are as many as its own board gives (the boards differ in size).
+    merge = processor.image_processor.merge_size
+    own = [int(images[s.image].image_grid_thw.prod()) // merge**2 for s in picked]
+    assert mb.mm_token_type_ids.sum(dim=1).tolist() == own and len(set(own)) == 2
 
 
 def test_prompt_image_mismatch_is_rejected(processor, make_groups):

@@ -36,7 +36,8 @@ def test_learner_logprobs_are_the_samplers_at_temperature(ray_local, tiny_model_
     groups = ray.get(actor.run_round.remote()).groups
     ray.kill(actor)
 
-    learner_config = LearnerConfig(model_dir=str(tiny_model_dir), temperature=TEMPERATURE, micro_batch_size=2)
+    # Micro-batches of 3 hold two boards each (groups of 2), so each sample must get its own board's features.
+    learner_config = LearnerConfig(model_dir=str(tiny_model_dir), temperature=TEMPERATURE, micro_batch_size=3)
     learner = ray.remote(num_cpus=0.5)(Learner).remote(learner_config, GRPOConfig(), 0, 1)
     try:
         ray.get(learner.setup.remote(*ray.get(learner.node_address.remote())))
