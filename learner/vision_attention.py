@@ -54,9 +54,9 @@ def padded_window_attention(
     lengths = cu[1:] - cu[:-1]  # (W,)
     tokens, windows = query.shape[2], lengths.shape[0]
     longest = int(max_length_q) if max_length_q is not None else int(lengths.max())
-    arange = torch.arange(tokens, device=query.device)  # windows <= longest <= tokens
+    arange = torch.arange(tokens, device=query.device)  # windows and longest are both <= tokens
     window = torch.repeat_interleave(arange[:windows], lengths, output_size=tokens)  # (N,) each token's window
-    offset = arange[:tokens] - cu[window]  # (N,) its place in that window
+    offset = arange - cu[window]  # (N,) its place in that window
 
     def padded(x: torch.Tensor) -> torch.Tensor:  # (1, H, N, D) -> (W, H, L, D)
         out = x.new_zeros(windows, longest, x.shape[1], x.shape[3])
