@@ -3,6 +3,8 @@
     .venv/bin/python -P bench/cold_start.py --game 2048
     .venv/bin/python -P bench/cold_start.py --game swap --rl-minutes 3 --states 1000
     .venv/bin/python -P bench/cold_start.py --game 2048 weight_sync.transport=gloo   # RL overrides, G0 and G1 alike
+    .venv/bin/python -P bench/cold_start.py --game tetris pool.mode=continue --difficulty rows=10 cols=6 preview=0 \
+        --sft player.kind=random   # a smaller board, the cold start on random play's states, RL on its own play
 
 Five rows on the same seeds, all scored by launch/eval.py's `evaluate` (actors/policies.py players):
     random   a uniformly random legal move
@@ -32,6 +34,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -69,6 +73,12 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=8)
     parser.add_argument("--max-steps", type=int, default=200, help="moves per evaluation episode (the paper's)")
     parser.add_argument("--output", default="runs/bench-cold-start")
+    parser.add_argument(
+        "--difficulty", nargs="*", default=[], metavar="KNOB=VALUE", help="the game's knobs: cold start, RL and eval"
+    )
+    parser.add_argument(
+        "--sft", nargs="*", default=[], metavar="KEY=VALUE", help="more launch/sft.py overrides for the cold start"
+    )
     parser.add_argument("overrides", nargs="*", help="more launch/train.py overrides for G0 and G1 alike")
     args = parser.parse_args()
 
@@ -82,12 +92,14 @@ def main() -> None:
     from learner import checkpoint
 
     out = (REPO / args.output / args.game).resolve()
-    recipe = {o.split("=", 1)[0]: o for o in TINY_G1_COLD_START} | {"game": f"game={args.game}"}
+    knobs = [f"+game.{args.game}.difficulty.{knob}" for knob in args.difficulty]  # Hydra: knobs add to difficulty: {}
+    recipe = {o.split("=", 1)[0]: o for o in [*TINY_G1_COLD_START, *knobs, *args.sft]} | {"game": f"game={args.game}"}
     if args.states:
         recipe["collect.states"] = f"collect.states={args.states}"
     base = resolve_model(recipe["model"].split("=", 1)[1]).path  # G0 starts here, and so does the cold start
     rl = [f"game={args.game}", "model=tiny_g1", "trainer.total_steps=100000", f"trainer.max_minutes={args.rl_minutes}"]
-    rl += ["checkpoint.every_steps=0", *args.overrides]
+    rl += ["checkpoint.every_steps=0", *knobs, *args.overrides]
+    difficulty = {knob: yaml.safe_load(value) for knob, value in (k.split("=", 1) for k in args.difficulty)}
     max_tokens = resolve(compose(rl)).actors.max_new_tokens
 
     # The cold start is model=tiny_g1's own cached build (for 2048 the very model `model=auto` starts from): built
@@ -112,10 +124,16 @@ def main() -> None:
         config = PolicyConfig(**{**config.__dict__, "max_tokens": max_tokens, "max_model_len": 1024})
         with contextlib.closing(make_policy(config)) as policy:
             results[name] = evaluate(
-                policy, args.game, episodes=args.episodes, max_steps=args.max_steps, out=out / "eval" / name
+                policy,
+                args.game,
+                episodes=args.episodes,
+                max_steps=args.max_steps,
+                difficulty=difficulty,
+                out=out / "eval" / name,
             )["mean"]
 
-    print(f"\n{args.game}: {args.episodes} episodes x {args.max_steps} moves, seeds 0..{args.episodes - 1}")
+    board = f" {difficulty}" if difficulty else ""
+    print(f"\n{args.game}{board}: {args.episodes} episodes x {args.max_steps} moves, seeds 0..{args.episodes - 1}")
     print(f"{'player':>8} {'score':>8} {'valid':>7} {'format':>7} {'percep':>7} {'length':>7}")
     for name, mean in results.items():
         print(

@@ -102,6 +102,9 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=1, help="learner.micro_batch_size (train.yaml: 1)")
     parser.add_argument("--micro-batch-tokens", type=int, help="learner.micro_batch_tokens (packs by size instead)")
     parser.add_argument("--minibatches", type=int, default=2, help="grpo.num_minibatches: optimizer steps per update")
+    parser.add_argument(
+        "--persistence-threshold", type=int, help="learner.param_persistence_threshold (default: the DeepSpeed file's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -120,6 +123,7 @@ def main() -> None:
             micro_batch_tokens=args.micro_batch_tokens,
             gradient_checkpointing=True,
             lr=1e-6,
+            param_persistence_threshold=args.persistence_threshold,
         )
         grpo = GRPOConfig(kl_coef=1e-2, num_minibatches=args.minibatches)  # train.yaml's KL: a reference model too
         group = LearnerGroup(config, grpo, WeightSyncConfig(), num_cpus=1, use_gpu=cuda)
