@@ -14,7 +14,9 @@ The last line is the summary for the larger model:
 
     weight_sync: params=... sync_s=... gbps=... memcpy_gbps=... memcpy_share=... reload_s=... vs_reload=...
 
-(`vs_reload`: sync time / reload time; `load1`: the load average at the end.) Run: `.venv/bin/python -P
+(`vs_reload`: sync time / reload time; `reload_all_s` and `vs_reload_all`: the same with vLLM's reload run in every
+engine at once, as a sync loads them, the floor of a sync into that many engines on this machine's cores; `load1`: the
+load average at the end.) Run: `.venv/bin/python -P
 bench/weight_sync.py [--engines 2] [--syncs 3] [--bucket-mb 512] [--transport auto|shm|gloo]`. With `auto` (engines on
 the learner's node) the buckets go through /dev/shm; `gloo` broadcasts them over loopback TCP, as to another node.
 """
@@ -79,13 +81,22 @@ def engine_timings(worker: Any) -> dict[str, float]:
     return worker.weight_transfer_engine.timings
 
 
-def timed_reload(worker: Any, payload: bytes) -> float:
-    """Seconds of vLLM's own in-place reload (`Worker.reload_weights`) of pickled (name, tensor) pairs, unpickled
-    before the clock starts: the weights are already in the worker's memory, as a received bucket is."""
-    pairs = pickle.loads(payload)
+def hold_weights(worker: Any, payload: bytes) -> None:
+    """Unpickles (name, tensor) pairs into the worker's memory, as a received bucket is, for `timed_reload`."""
+    worker.bench_weights = pickle.loads(payload)
+
+
+def timed_reload(worker: Any) -> float:
+    """Seconds of vLLM's own in-place reload (`Worker.reload_weights`) of the pairs `hold_weights` left there."""
     start = time.perf_counter()
-    worker.reload_weights(weights_iterator=iter(pairs), is_checkpoint_format=True)
+    worker.reload_weights(weights_iterator=iter(worker.bench_weights), is_checkpoint_format=True)
     return time.perf_counter() - start
+
+
+def reload_seconds(engines: list[ray.actor.ActorHandle]) -> float:
+    """vLLM's reload alone in every engine of `engines` at once (started together): the slowest engine's seconds."""
+    calls = [e.__ray_call__.remote(lambda e: e._run(e.llm.collective_rpc(timed_reload))) for e in engines]
+    return max(times[0] for times in ray.get(calls))
 
 
 def bench_model(name: str, model_dir: str, args: argparse.Namespace) -> dict[str, float]:
@@ -116,8 +127,15 @@ def bench_model(name: str, model_dir: str, args: argparse.Namespace) -> dict[str
         )
     memcpy = (memcpy_before + memcpy_gbps()) / 2
     payload = pickle.dumps(list(group.consolidated_state_dict().items()), protocol=pickle.HIGHEST_PROTOCOL)
-    reloads = [in_worker(engines[0], timed_reload, payload) for _ in range(args.syncs)]
+    for engine in engines:
+        in_worker(engine, hold_weights, payload)
+    reloads = [reload_seconds(engines[:1]) for _ in range(args.syncs)]
     print(f"{name}: vLLM's reload alone (in the engine's process): " + ", ".join(f"{t:.3f} s" for t in reloads))
+    reloads_all = [reload_seconds(engines) for _ in range(args.syncs)]
+    print(
+        f"{name}: vLLM's reload alone in the {len(engines)} engines at once: "
+        + ", ".join(f"{t:.3f} s" for t in reloads_all)
+    )
     for engine in engines:
         ray.kill(engine)
     group.shutdown()
@@ -130,6 +148,7 @@ def bench_model(name: str, model_dir: str, args: argparse.Namespace) -> dict[str
         **{k: statistics.median(p[k] for p in phases) for k in phases[0]},
         "gbps": statistics.median(r.gbps for r in runs),
         "reload_s": statistics.median(reloads),
+        "reload_all_s": statistics.median(reloads_all),
         "memcpy_gbps": memcpy,
     }
 
@@ -155,14 +174,16 @@ def main() -> None:
             f"receive {r['receive_s']:.3f} s, load {r['load_s']:.3f} s, finalize {r['finish_s']:.3f} s; total "
             f"{r['total_s']:.3f} s = {r['gbps']:.2f} GB/s ({r['gbps'] / r['memcpy_gbps']:.1%} of memcpy at "
             f"{r['memcpy_gbps']:.2f} GB/s, 512 MiB float32 copy, best of 5); vLLM's reload alone {r['reload_s']:.3f} s "
-            f"({r['total_s'] / r['reload_s']:.2f}x of it)"
+            f"({r['total_s'] / r['reload_s']:.2f}x of it), in all {args.engines} engines at once "
+            f"{r['reload_all_s']:.3f} s ({r['total_s'] / r['reload_all_s']:.2f}x)"
         )
     medium = results["medium"]
     memcpy = medium["memcpy_gbps"]
     print(
         f"weight_sync: params={medium['params']} sync_s={medium['total_s']:.3f} gbps={medium['gbps']:.3f} "
         f"memcpy_gbps={memcpy:.2f} memcpy_share={medium['gbps'] / memcpy:.3f} reload_s={medium['reload_s']:.3f} "
-        f"vs_reload={medium['total_s'] / medium['reload_s']:.2f} gather_s={medium['gather_s']:.3f} "
+        f"vs_reload={medium['total_s'] / medium['reload_s']:.2f} reload_all_s={medium['reload_all_s']:.3f} "
+        f"vs_reload_all={medium['total_s'] / medium['reload_all_s']:.2f} gather_s={medium['gather_s']:.3f} "
         f"pack_s={medium['pack_s']:.3f} send_s={medium['send_s']:.3f} engine_load_s={medium['load_s']:.3f} "
         f"finalize_s={medium['finish_s']:.3f} engines={args.engines} bucket_mb={args.bucket_mb} "
         f"transport={args.transport} load1={os.getloadavg()[0]:.1f}"
