@@ -112,7 +112,8 @@ def test_every_setting_can_be_overridden_on_the_command_line():
 @pytest.mark.parametrize("model", ["tiny", "tiny_g1", "qwen2_5_vl_3b", "qwen2_5_vl_3b_random", "qwen2_5_vl_7b"])
 def test_every_model_preset_composes_into_a_checked_config(model):
     """Each configs/model/<name>.yaml is valid with train.yaml (checked as launch/train.py checks it at start-up); the
-    3B presets pack the learner's micro-batches by size (one sample a forward ran 5-10x slower on an H200: README)."""
+    3B presets pack the learner's micro-batches by size (1.75x the tokens/s of two samples a forward on an H200:
+    README)."""
     config, auto = load_config([f"model={model}"])
     assert (config.model.name, auto) == (model, False)
     assert (config.learner.micro_batch_tokens is not None) == model.startswith("qwen2_5_vl_3b")
