@@ -35,8 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1")
@@ -99,8 +97,9 @@ def main() -> None:
     base = resolve_model(recipe["model"].split("=", 1)[1]).path  # G0 starts here, and so does the cold start
     rl = [f"game={args.game}", "model=tiny_g1", "trainer.total_steps=100000", f"trainer.max_minutes={args.rl_minutes}"]
     rl += ["checkpoint.every_steps=0", *knobs, *args.overrides]
-    difficulty = {knob: yaml.safe_load(value) for knob, value in (k.split("=", 1) for k in args.difficulty)}
-    max_tokens = resolve(compose(rl)).actors.max_new_tokens
+    rl_config = resolve(compose(rl))
+    max_tokens = rl_config.actors.max_new_tokens
+    difficulty = rl_config.pool.games[0].difficulty  # the eval plays the board RL trains on
 
     # The cold start is model=tiny_g1's own cached build (for 2048 the very model `model=auto` starts from): built
     # here when it is not cached yet; its minutes are the build's, recorded in the cache.

@@ -70,10 +70,16 @@ def memcpy_gbps(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
+def call_worker(engine: ray.actor.ActorHandle, fn: Callable, *args: Any) -> ray.ObjectRef:
+    """`fn(worker, *args)` in every vLLM worker of an engine actor (in its engine-core process), through AsyncLLM's
+    own `collective_rpc`, which takes a function (`VLLMEngine.collective_rpc` takes method names); a reference to the
+    workers' results."""
+    return engine.__ray_call__.remote(lambda e: e._run(e.llm.collective_rpc(fn, args=args)))
+
+
 def in_worker(engine: ray.actor.ActorHandle, fn: Callable, *args: Any) -> Any:
-    """`fn(worker, *args)` in the first vLLM worker of an engine actor (in its engine-core process), through
-    AsyncLLM's own `collective_rpc`, which takes a function (`VLLMEngine.collective_rpc` takes method names)."""
-    return ray.get(engine.__ray_call__.remote(lambda e: e._run(e.llm.collective_rpc(fn, args=args))))[0]
+    """`fn(worker, *args)`'s result in the first vLLM worker of an engine actor (`call_worker`, waited for)."""
+    return ray.get(call_worker(engine, fn, *args))[0]
 
 
 def engine_timings(worker: Any) -> dict[str, float]:
@@ -95,8 +101,7 @@ def timed_reload(worker: Any) -> float:
 
 def reload_seconds(engines: list[ray.actor.ActorHandle]) -> float:
     """vLLM's reload alone in every engine of `engines` at once (started together): the slowest engine's seconds."""
-    calls = [e.__ray_call__.remote(lambda e: e._run(e.llm.collective_rpc(timed_reload))) for e in engines]
-    return max(times[0] for times in ray.get(calls))
+    return max(times[0] for times in ray.get([call_worker(engine, timed_reload) for engine in engines]))
 
 
 def bench_model(name: str, model_dir: str, args: argparse.Namespace) -> dict[str, float]:
@@ -131,7 +136,7 @@ def bench_model(name: str, model_dir: str, args: argparse.Namespace) -> dict[str
         in_worker(engine, hold_weights, payload)
     reloads = [reload_seconds(engines[:1]) for _ in range(args.syncs)]
     print(f"{name}: vLLM's reload alone (in the engine's process): " + ", ".join(f"{t:.3f} s" for t in reloads))
-    reloads_all = [reload_seconds(engines) for _ in range(args.syncs)]
+    reloads_all = reloads if len(engines) == 1 else [reload_seconds(engines) for _ in range(args.syncs)]
     print(
         f"{name}: vLLM's reload alone in the {len(engines)} engines at once: "
         + ", ".join(f"{t:.3f} s" for t in reloads_all)

@@ -21,6 +21,7 @@ import pytest
 from omegaconf import OmegaConf
 from train_runs import REPO, read_until, start_train, tensorboard_scalars
 
+from actors.models import MODEL_NAMES
 from launch.config import TrainConfig, compose
 from launch.train import load_config
 
@@ -109,7 +110,7 @@ def test_every_setting_can_be_overridden_on_the_command_line():
     assert (config.weight_sync.timeout_s, config.grpo.entropy_coef, config.learner.betas) == (60, 0.01, (0.9, 0.99))
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny_g1", "qwen2_5_vl_3b", "qwen2_5_vl_3b_random", "qwen2_5_vl_7b"])
+@pytest.mark.parametrize("model", [name for name in MODEL_NAMES if name != "auto"])
 def test_every_model_preset_composes_into_a_checked_config(model):
     """Each configs/model/<name>.yaml is valid with train.yaml (checked as launch/train.py checks it at start-up); the
     3B presets pack the learner's micro-batches by size (1.75x the tokens/s of two samples a forward on an H200:
