@@ -40,7 +40,8 @@ Rewards (lmgame-Bench):
 
 Expert (`expert_move`): a one-piece placement search in the style of Dellacherie and El-Tetris: every legal
 placement is played on a copy of the board and scored by El-Tetris's weights on landing height, eroded piece cells,
-row and column transitions, holes and wells. It is still playing at bench/experts.py's 1,000-piece cap in every seeded
+row and column transitions, holes and wells. Its reasoning names each column's height, then the placement chosen,
+the lines it clears and the holes it leaves. It is still playing at bench/experts.py's 1,000-piece cap in every seeded
 episode (score ~1,400; at 2,000 pieces ~2,800) where random legal placements top out after ~21 pieces.
 """
 
@@ -533,11 +534,19 @@ class Tetris(Game):
         lines = "1 line" if cleared[best] == 1 else f"{cleared[best]} lines"
         holes = "1 hole" if features["holes"][best] == 1 else f"{features['holes'][best]} holes"
         reason = (
-            f"The {self.piece} goes on rows {choice.row}-{bottom} with {self.format_action(choice)}: it clears {lines} "
-            f"and leaves {holes}, the best of {len(placements)} placements by El-Tetris's weighted features (landing "
-            "height, cleared cells, row and column transitions, holes, wells)."
+            f"Column heights {' '.join(map(str, self.column_heights()))}. The {self.piece} goes on rows {choice.row}-"
+            f"{bottom} with {self.format_action(choice)}: it clears {lines} and leaves {holes}, the best of "
+            f"{len(placements)} placements."
         )
         return ExpertMove(choice, reason)
+
+    def column_heights(self) -> list[int]:
+        """Each column's stack height, left to right: rows from the floor up to its highest filled cell (0: empty).
+
+        The expert's `<think>` starts with them: what a placement is chosen from, said before the choice."""
+        filled = self.board != 0
+        rows = self.board.shape[0]
+        return [int(rows - np.argmax(column)) if column.any() else 0 for column in filled.T]
 
     # ---- observation -------------------------------------------------------------------------------------------------
     def text_observation(self) -> str:

@@ -52,3 +52,14 @@ def test_expert_takes_the_line_clear_and_avoids_holes():
     game.set_board(board, piece="O")
     move = game.expert_move()
     assert move.action == Placement(0, 4, 18) and "leaves 0 holes" in move.reason
+
+
+def test_expert_reasons_from_the_column_heights_it_saw():
+    """The <think> starts with each column's stack height (a covered hole does not lower it), then the choice."""
+    board = np.zeros((ROWS, COLS), np.int8)
+    board[19, 4:] = 1
+    board[17, 0] = 1  # column 0: a block over two empty cells is 3 high
+    game = Tetris(seed=0)
+    game.set_board(board, piece="O")
+    assert game.column_heights() == [3, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    assert game.expert_move().reason.startswith("Column heights 3 0 0 0 1 1 1 1 1 1. The O goes on rows ")
