@@ -5,11 +5,13 @@ Names (`model=...` on the command line):
 - `qwen2_5_vl_3b`, `qwen2_5_vl_7b`: the published instruct models, by hub name or a local `path`;
 - `qwen2_5_vl_3b_random`: the 3B architecture with random weights (config written from the published dimensions,
   the tiny tokenizer), for GPU throughput benchmarks with no hub: engines use `load_format="dummy"`;
-- `tiny_g1`: the tiny model after G1's cold start on 2048 (`launch/sft.py` with TINY_G1_COLD_START: the expert
-  teaches it the answer format and to read the board), built on first use and cached like the tiny model, so that
-  RL on CPU starts from a model that already plays and its game reward can rise;
-- `auto`: where the Ray cluster (or, without Ray, this machine) has a GPU `qwen2_5_vl_3b`; else `tiny_g1` for a run
-  of 2048 alone (the game its cold start taught) and `tiny` for any other.
+- `tiny_g1`, `tiny_g1_tetris`: the tiny model after G1's cold start (`launch/sft.py`; COLD_STARTS: the scripted
+  expert teaches it the answer format, to read the board and to choose) on 2048, and on Tetris in miniature
+  (game=tetris_mini); built on first use and cached like the tiny model, so that RL on CPU starts from a model that
+  already plays and its game reward can rise;
+- `auto`: where the Ray cluster (or, without Ray, this machine) has a GPU `qwen2_5_vl_3b`; else the cold start of the
+  run's game, when the run plays one cold start's game alone at its difficulty (2048: `tiny_g1`; game=tetris_mini:
+  `tiny_g1_tetris`), and `tiny` for any other.
 
 Start-up checks give errors that say what is wrong and how to fix it: vLLM missing or broken (which package, and
 `bash launch/install.sh`), a model directory missing a file (which one).
@@ -20,29 +22,68 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from actors.tiny_model import ensure_model_dir, ensure_tiny_model
 
-MODEL_NAMES = ("auto", "tiny", "tiny_g1", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_3b_random")
+if TYPE_CHECKING:
+    from envs import GameSpec
+
+MODEL_NAMES = ("auto", "tiny", "tiny_g1", "tiny_g1_tetris", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_3b_random")
 BUILT_MODELS = ("tiny", "qwen2_5_vl_3b_random")  # built locally by actors/tiny_model.py, cached per node
-# tiny_g1's cold start: launch/sft.py's command line (its cache key). 2048's boards are ones the tiny model learns to
-# read; the expert answers every state and G1's filter keeps them all (its perception is the ground truth). The states
-# are the expert's own trajectories (pool.mode=continue: 64 games, each reset, 100 random moves, then played on by the
-# expert), batches of 8 (four times the updates of 32 for the same compute), and 4 epochs: the tiny model reads the
-# board slowly, over many updates (sampled at temperature 1 on 128 fresh boards, cells read right: 0.37 after 2
-# epochs, 0.80 after 4; held-out loss 0.29 -> 0.10); a 4-layer text model read worse after 2 (0.24).
-TINY_G1_COLD_START = (
-    "game=2048",
+
+
+@dataclass(frozen=True)
+class ColdStart:
+    """A cold start of the tiny model: the game and difficulty it teaches, and the rest of its launch/sft.py recipe.
+
+    `overrides` is launch/sft.py's command line, and also the cache key of the build (`ensure_cold_start`).
+    """
+
+    game: str
+    difficulty: dict[str, Any] = field(default_factory=dict)
+    extra: tuple[str, ...] = ()  # more launch/sft.py overrides; they replace the recipe's entries of the same key
+
+    @property
+    def overrides(self) -> list[str]:
+        knobs = [f"+game.{self.game}.difficulty.{knob}={value}" for knob, value in self.difficulty.items()]
+        by_key = {o.split("=", 1)[0]: o for o in [f"game={self.game}", *TINY_COLD_START_RECIPE, *knobs, *self.extra]}
+        return list(by_key.values())
+
+    def teaches(self, games: Sequence[GameSpec]) -> bool:
+        """Whether a run of `games` plays this cold start's game alone, at its difficulty."""
+        return [(g.name, g.difficulty) for g in games] == [(self.game, self.difficulty)]
+
+
+# The tiny model's cold-start recipe. The expert answers every state and G1's filter keeps them all (its perception is
+# the ground truth). The states are the expert's own trajectories (pool.mode=continue: 64 games, each reset, the
+# game's random moves, then played on by the expert), batches of 8 (four times the updates of 32 for the same
+# compute), and 4 epochs: the tiny model reads the board slowly, over many updates (2048, sampled at temperature 1 on
+# 128 fresh boards, cells read right: 0.37 after 2 epochs, 0.80 after 4; held-out loss 0.29 -> 0.10); a 4-layer text
+# model read worse after 2 (0.24).
+TINY_COLD_START_RECIPE = (
     "model=tiny",
     "collect.states=2000",
     "pool.mode=continue",
     "pool.num_games=64",
     "sft.epochs=4",
     "sft.batch_size=8",
+    "sft.eval_every=100",  # the held-out loss every 20 steps took a fifth of the build
 )
+# Tetris in miniature (configs/game/tetris_mini.yaml): 10 x 6, no preview, O pieces only. Its expert keeps the board
+# in three flat lanes and plays on forever, where random legal placements top out after ~9 pieces: a board whose
+# every good move follows from what the image shows (which lane is lowest), and one the 0.7 M model learns on 2 cores.
+TETRIS_MINI = {"rows": 10, "cols": 6, "preview": 0, "piece_set": "O"}
+# The cold starts, by model name (configs/model/<name>.yaml has each one's RL settings). tiny_g1: 2048, the expert's
+# trajectories. tiny_g1_tetris: Tetris in miniature, on random play's states labelled by the expert (boards from
+# empty to topped out, as a weak player's are), so that it has seen the boards its own mistakes lead to.
+COLD_STARTS = {
+    "tiny_g1": ColdStart("2048"),
+    "tiny_g1_tetris": ColdStart("tetris", TETRIS_MINI, ("player.kind=random",)),
+}
 HUB_NAMES = {"qwen2_5_vl_3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl_7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
 
 # Qwen2.5-VL-3B-Instruct's published config.json (language model and vision tower).
@@ -168,16 +209,17 @@ def cluster_has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def auto_model_name(games: Sequence[str] = ()) -> str:
+def auto_model_name(games: Sequence[GameSpec] = ()) -> str:
     """What `model=auto` means for a run of `games`, said in one line: Qwen2.5-VL-3B where the Ray cluster (or,
-    unconnected, this machine) has a GPU; else the tiny local model, cold-started (tiny_g1) when the run plays 2048
-    alone."""
+    unconnected, this machine) has a GPU; else the tiny local model, cold-started when the run plays the game of one
+    of COLD_STARTS alone, at its difficulty (2048: tiny_g1; game=tetris_mini: tiny_g1_tetris)."""
     if cluster_has_gpu():
         print("model=auto: GPUs in the cluster, using Qwen2.5-VL-3B (model=qwen2_5_vl_3b)")
         return "qwen2_5_vl_3b"
-    if tuple(games) == ("2048",):
-        print("model=auto: no GPU in the cluster, the tiny local Qwen2.5-VL after G1's cold start (model=tiny_g1)")
-        return "tiny_g1"
+    for name, cold_start in COLD_STARTS.items():
+        if cold_start.teaches(games):
+            print(f"model=auto: no GPU in the cluster, the tiny local Qwen2.5-VL after G1's cold start (model={name})")
+            return name
     print("model=auto: no GPU in the cluster, using the tiny local Qwen2.5-VL (model=tiny)")
     return "tiny"
 
@@ -227,10 +269,10 @@ def resolve_model(name: str, path: str | os.PathLike | None = None, cache_dir: s
         return ModelSource(name, str(check_model_dir(path, require_weights=not random_weights)), random_weights)
     if name == "tiny":
         built = ensure_tiny_model(cache_dir)
-    elif name == "tiny_g1":
+    elif name in COLD_STARTS:
         from launch.sft import ensure_cold_start  # the cold start is launch/sft.py's pipeline: imported when used
 
-        built = ensure_cold_start(name, TINY_G1_COLD_START, cache_dir)
+        built = ensure_cold_start(name, COLD_STARTS[name].overrides, cache_dir)
     elif random_weights:
         built = ensure_model_dir(
             name,

@@ -15,7 +15,7 @@ Five rows on the same seeds, all scored by launch/eval.py's `evaluate` (actors/p
 G0 and G1 train with model=tiny_g1's RL settings (configs/model/tiny_g1.yaml: its learning rate, and responses as
 long as the expert's, so both can write the full perception / think / answer convention); only the starting weights
 differ: G0 starts from the cold start's base model, G1 from the cold-started one. The cold start is model=tiny_g1's
-recipe (actors/models.py: TINY_G1_COLD_START), with this game. Episodes are the paper
+recipe (actors/models.py: TINY_COLD_START_RECIPE), with this game and its knobs. Episodes are the paper
 protocol's 200 moves: over 100 moves from reset 2048 barely separates the expert from random play (8 seeds: 1,008 vs
 851), over 200 it does (2,483 vs 1,196), since random play fills the board and stalls only later.
 Prints the table, the SFT eval-loss and the RL reward curves, and ends with
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -64,12 +65,21 @@ def print_curve(name: str, points: list[tuple[int, float]], rows: int = 10) -> N
 
 
 def main() -> None:
+    from actors.models import COLD_STARTS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--game", default="2048")
+    parser.add_argument(
+        "--cold-start",
+        choices=sorted(COLD_STARTS),
+        help="a cold start of actors/models.py's COLD_STARTS (its game, knobs and recipe; RL with its model preset) "
+        "instead of --game, --difficulty and --sft",
+    )
     parser.add_argument("--states", type=int, help="states the expert answers (default: the recipe's)")
     parser.add_argument("--rl-minutes", type=float, default=4.0, help="wall-clock RL budget of g0 and of g1 each")
     parser.add_argument("--episodes", type=int, default=8)
     parser.add_argument("--max-steps", type=int, default=200, help="moves per evaluation episode (the paper's)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="the evaluation's sampling temperature")
     parser.add_argument("--output", default="runs/bench-cold-start")
     parser.add_argument(
         "--difficulty", nargs="*", default=[], metavar="KNOB=VALUE", help="the game's knobs: cold start, RL and eval"
@@ -82,20 +92,26 @@ def main() -> None:
 
     import ray
 
-    from actors.models import TINY_G1_COLD_START, resolve_model
+    from actors.models import ColdStart, resolve_model
     from actors.policies import PolicyConfig, make_policy
     from launch.config import compose, resolve
     from launch.eval import evaluate
     from launch.sft import ensure_cold_start
     from learner import checkpoint
 
-    out = (REPO / args.output / args.game).resolve()
-    knobs = [f"+game.{args.game}.difficulty.{knob}" for knob in args.difficulty]  # Hydra: knobs add to difficulty: {}
-    recipe = {o.split("=", 1)[0]: o for o in [*TINY_G1_COLD_START, *knobs, *args.sft]} | {"game": f"game={args.game}"}
+    if args.cold_start:  # a registered one: its game, knobs and recipe, and its model preset's RL settings
+        cold_start, cache_name, rl_model = COLD_STARTS[args.cold_start], args.cold_start, args.cold_start
+    else:
+        cold_start = ColdStart(args.game, dict(k.split("=", 1) for k in args.difficulty), tuple(args.sft))
+        cache_name, rl_model = ("tiny_g1" if args.game == "2048" else f"tiny_g1_{args.game}"), "tiny_g1"
     if args.states:
-        recipe["collect.states"] = f"collect.states={args.states}"
-    base = resolve_model(recipe["model"].split("=", 1)[1]).path  # G0 starts here, and so does the cold start
-    rl = [f"game={args.game}", "model=tiny_g1", "trainer.total_steps=100000", f"trainer.max_minutes={args.rl_minutes}"]
+        cold_start = dataclasses.replace(cold_start, extra=(*cold_start.extra, f"collect.states={args.states}"))
+    game = cold_start.game
+    out = (REPO / args.output / game).resolve()
+    # Hydra: knobs add to difficulty: {}
+    knobs = [f"+game.{game}.difficulty.{knob}={value}" for knob, value in cold_start.difficulty.items()]
+    base = resolve_model(dict(o.split("=", 1) for o in cold_start.overrides)["model"]).path  # G0 and the SFT start here
+    rl = [f"game={game}", f"model={rl_model}", "trainer.total_steps=100000", f"trainer.max_minutes={args.rl_minutes}"]
     rl += ["checkpoint.every_steps=0", *knobs, *args.overrides]
     rl_config = resolve(compose(rl))
     max_tokens = rl_config.actors.max_new_tokens
@@ -103,7 +119,7 @@ def main() -> None:
 
     # The cold start is model=tiny_g1's own cached build (for 2048 the very model `model=auto` starts from): built
     # here when it is not cached yet; its minutes are the build's, recorded in the cache.
-    sft_hf = ensure_cold_start("tiny_g1" if args.game == "2048" else f"tiny_g1_{args.game}", list(recipe.values()))
+    sft_hf = ensure_cold_start(cache_name, cold_start.overrides)
     ray.shutdown()  # the RL runs below start their own clusters
     sft_minutes = json.loads((sft_hf / "cold_start.json").read_text())["build_minutes"]
     for name in ("g0", "g1", "eval"):  # a rerun's TensorBoard curves must not append to the last run's
@@ -120,11 +136,12 @@ def main() -> None:
     }
     results = {}
     for name, config in players.items():
-        config = PolicyConfig(**{**config.__dict__, "max_tokens": max_tokens, "max_model_len": 1024})
+        sampling = {"max_tokens": max_tokens, "max_model_len": 1024, "temperature": args.temperature}
+        config = PolicyConfig(**{**config.__dict__, **sampling})
         with contextlib.closing(make_policy(config)) as policy:
             results[name] = evaluate(
                 policy,
-                args.game,
+                game,
                 episodes=args.episodes,
                 max_steps=args.max_steps,
                 difficulty=difficulty,
@@ -132,7 +149,10 @@ def main() -> None:
             )["mean"]
 
     board = f" {difficulty}" if difficulty else ""
-    print(f"\n{args.game}{board}: {args.episodes} episodes x {args.max_steps} moves, seeds 0..{args.episodes - 1}")
+    print(
+        f"\n{game}{board}: {args.episodes} episodes x {args.max_steps} moves, seeds 0..{args.episodes - 1}, "
+        f"temperature {args.temperature}"
+    )
     print(f"{'player':>8} {'score':>8} {'valid':>7} {'format':>7} {'percep':>7} {'length':>7}")
     for name, mean in results.items():
         print(
@@ -144,7 +164,7 @@ def main() -> None:
         print_curve(f"{name} reward/game", scalars(out / name / "tensorboard", "reward/game"))
         print_curve(f"{name} reward/total", scalars(out / name / "tensorboard", "reward/total"))
     print(
-        f"cold_start: game={args.game} "
+        f"cold_start: game={game} "
         + " ".join(f"{name}={results[name]['score']:.1f}" for name in ("random", "expert", "g0", "g1"))
         + f" g1_valid={1 - results['g1']['invalid_rate']:.3f} sft_minutes={sft_minutes:.1f}"
         f" rl_minutes={(g0_minutes + g1_minutes) / 2:.1f}"

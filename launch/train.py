@@ -50,9 +50,9 @@ def load_config(overrides: list[str]) -> tuple[TrainConfig, bool]:
 
 
 def choose_model(overrides: list[str], config: TrainConfig, auto: bool) -> TrainConfig:
-    """model=auto: on a cluster without GPUs the tiny local model, cold-started (tiny_g1) for a 2048 run (said in one
-    line); Qwen2.5-VL-3B with them."""
-    if not auto or (name := auto_model_name([g.name for g in config.pool.games])) == "tiny":  # composed as tiny
+    """model=auto: on a cluster without GPUs the tiny local model, cold-started where the run plays the game of one of
+    its cold starts (2048: tiny_g1; game=tetris_mini: tiny_g1_tetris; said in one line); Qwen2.5-VL-3B with them."""
+    if not auto or (name := auto_model_name(config.pool.games)) == "tiny":  # composed as tiny
         return config
     return resolve(compose([o for o in overrides if o != "model=auto"] + [f"model={name}"]))
 

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer, Qwen2_5_VLFor
 
 import envs
 from actors.config import RolloutConfig
-from actors.models import ModelSource, auto_model_name, check_model_dir, on_this_node, resolve_model
+from actors.models import TETRIS_MINI, ModelSource, auto_model_name, check_model_dir, on_this_node, resolve_model
 from actors.prompts import chat_prompt
 from actors.tiny_model import IMAGE_MAX_PIXELS, SPECIAL_TOKENS, TAGS, ensure_tiny_model
 from actors.vocab import allowed_token_ids
@@ -124,7 +124,7 @@ def test_a_built_model_missing_on_this_node_is_rebuilt_here(tiny_model_dir, tmp_
 
 
 def test_unknown_model_name_lists_the_allowed_ones():
-    with pytest.raises(ValueError, match="allowed values of key 'model': auto, tiny, tiny_g1, qwen2_5_vl_3b"):
+    with pytest.raises(ValueError, match="allowed values of key 'model': auto, tiny, tiny_g1, tiny_g1_tetris, qwen2_5"):
         resolve_model("qwen3")
 
 
@@ -133,9 +133,12 @@ def test_auto_picks_tiny_without_a_gpu_and_says_so(tmp_path, capsys):
     source = resolve_model("auto", cache_dir=tmp_path)
     assert source.name == "tiny" and not source.random_weights
     assert "no GPU" in capsys.readouterr().out
-    # the cold start taught 2048: a 2048 run starts from it, any other run from the plain tiny model
-    assert auto_model_name(["2048"]) == "tiny_g1" and "model=tiny_g1" in capsys.readouterr().out
-    assert auto_model_name(["tetris"]) == auto_model_name(["2048", "tetris"]) == "tiny"
+    # a run of one cold start's game alone, at its difficulty, starts from that cold start; any other from plain tiny
+    assert auto_model_name([envs.GameSpec("2048")]) == "tiny_g1" and "model=tiny_g1" in capsys.readouterr().out
+    assert auto_model_name([envs.GameSpec("tetris", difficulty=dict(TETRIS_MINI))]) == "tiny_g1_tetris"
+    tetris, mix = [envs.GameSpec("tetris")], [envs.GameSpec("2048"), envs.GameSpec("tetris")]
+    assert auto_model_name(tetris) == auto_model_name(mix) == "tiny"
+    assert auto_model_name([envs.GameSpec("tetris", difficulty={**TETRIS_MINI, "rows": 12})]) == "tiny"
 
 
 def test_missing_vllm_is_a_clear_start_up_error():

@@ -21,9 +21,9 @@ import pytest
 from omegaconf import OmegaConf
 from train_runs import REPO, read_until, start_train, tensorboard_scalars
 
-from actors.models import MODEL_NAMES
+from actors.models import COLD_STARTS, MODEL_NAMES
 from launch.config import TrainConfig, compose
-from launch.train import load_config
+from launch.train import choose_model, load_config
 
 TRAIN = str(REPO / "launch" / "train.py")
 # A small run of the tiny model: 4 groups x G=4 per step, short responses.
@@ -118,6 +118,18 @@ def test_every_model_preset_composes_into_a_checked_config(model):
     config, auto = load_config([f"model={model}"])
     assert (config.model.name, auto) == (model, False)
     assert (config.learner.micro_batch_tokens is not None) == model.startswith("qwen2_5_vl_3b")
+
+
+def test_auto_on_cpu_starts_tetris_mini_from_its_cold_start():
+    """The README's first command (game=tetris_mini) trains the tiny model from the cold start that taught it that
+    board, with its preset's RL settings; any other Tetris stays on the plain tiny model."""
+    config, auto = load_config(["game=tetris_mini"])
+    assert auto and config.pool.games[0].difficulty == COLD_STARTS["tiny_g1_tetris"].difficulty
+    chosen = choose_model(["game=tetris_mini"], config, auto)
+    assert (chosen.model.name, chosen.pool.mode, chosen.actors.max_new_tokens) == ("tiny_g1_tetris", "continue", 160)
+    assert chosen.pool.games == config.pool.games
+    plain, auto = load_config(["game=tetris", "+game.tetris.difficulty.rows=10"])
+    assert choose_model(["game=tetris", "+game.tetris.difficulty.rows=10"], plain, auto).model.name == "tiny"
 
 
 def test_bad_config_stops_the_command_before_ray_starts():
