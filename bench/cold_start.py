@@ -3,6 +3,7 @@
     .venv/bin/python -P bench/cold_start.py --game 2048
     .venv/bin/python -P bench/cold_start.py --game swap --rl-minutes 3 --states 1000
     .venv/bin/python -P bench/cold_start.py --game 2048 weight_sync.transport=gloo   # RL overrides, G0 and G1 alike
+    .venv/bin/python -P bench/cold_start.py --cold-start tiny_g1_tetris --rl-minutes 8   # model=auto's game=tetris_mini
     .venv/bin/python -P bench/cold_start.py --game tetris pool.mode=continue --difficulty rows=10 cols=6 preview=0 \
         --sft player.kind=random   # a smaller board, the cold start on random play's states, RL on its own play
 
@@ -13,9 +14,10 @@ Five rows on the same seeds, all scored by launch/eval.py's `evaluate` (actors/p
     sft      the cold-started model alone (launch/sft.py: expert responses filtered by G1's rule, supervised)
     g1       RL from the cold-started model (the same RL budget as g0)
 G0 and G1 train with model=tiny_g1's RL settings (configs/model/tiny_g1.yaml: its learning rate, and responses as
-long as the expert's, so both can write the full perception / think / answer convention); only the starting weights
-differ: G0 starts from the cold start's base model, G1 from the cold-started one. The cold start is model=tiny_g1's
-recipe (actors/models.py: TINY_COLD_START_RECIPE), with this game and its knobs. Episodes are the paper
+long as the expert's, so both can write the full perception / think / answer convention), or with those of the
+`--cold-start` named; only the starting weights differ: G0 starts from the cold start's base model, G1 from the
+cold-started one. The cold start is the tiny model's recipe (actors/models.py: TINY_COLD_START_RECIPE) with this game
+and its knobs, or the one named (COLD_STARTS: the very cache entry that model=auto starts from). Episodes are the paper
 protocol's 200 moves: over 100 moves from reset 2048 barely separates the expert from random play (8 seeds: 1,008 vs
 851), over 200 it does (2,483 vs 1,196), since random play fills the board and stalls only later.
 Prints the table, the SFT eval-loss and the RL reward curves, and ends with
@@ -117,8 +119,8 @@ def main() -> None:
     max_tokens = rl_config.actors.max_new_tokens
     difficulty = rl_config.pool.games[0].difficulty  # the eval plays the board RL trains on
 
-    # The cold start is model=tiny_g1's own cached build (for 2048 the very model `model=auto` starts from): built
-    # here when it is not cached yet; its minutes are the build's, recorded in the cache.
+    # The cold start is a cached build (for 2048 and --cold-start the very model `model=auto` starts from): built here
+    # when it is not cached yet; its minutes are the build's, recorded in the cache.
     sft_hf = ensure_cold_start(cache_name, cold_start.overrides)
     ray.shutdown()  # the RL runs below start their own clusters
     sft_minutes = json.loads((sft_hf / "cold_start.json").read_text())["build_minutes"]
