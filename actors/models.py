@@ -48,10 +48,15 @@ class ColdStart:
     extra: tuple[str, ...] = ()  # more launch/sft.py overrides; they replace the recipe's entries of the same key
 
     @property
+    def knobs(self) -> list[str]:
+        """The difficulty as Hydra overrides (`+`: they add to the game config's `difficulty: {}`); RL and the eval
+        of a cold-started model play the same board with them."""
+        return [f"+game.{self.game}.difficulty.{knob}={value}" for knob, value in self.difficulty.items()]
+
+    @property
     def overrides(self) -> list[str]:
-        knobs = [f"+game.{self.game}.difficulty.{knob}={value}" for knob, value in self.difficulty.items()]
-        by_key = {o.split("=", 1)[0]: o for o in [f"game={self.game}", *TINY_COLD_START_RECIPE, *knobs, *self.extra]}
-        return list(by_key.values())
+        recipe = [f"game={self.game}", *TINY_COLD_START_RECIPE, *self.knobs, *self.extra]
+        return list({o.split("=", 1)[0]: o for o in recipe}.values())
 
     def teaches(self, games: Sequence[GameSpec]) -> bool:
         """Whether a run of `games` plays this cold start's game alone, at its difficulty."""

@@ -110,11 +110,9 @@ def main() -> None:
         cold_start = dataclasses.replace(cold_start, extra=(*cold_start.extra, f"collect.states={args.states}"))
     game = cold_start.game
     out = (REPO / args.output / game).resolve()
-    # Hydra: knobs add to difficulty: {}
-    knobs = [f"+game.{game}.difficulty.{knob}={value}" for knob, value in cold_start.difficulty.items()]
     base = resolve_model(dict(o.split("=", 1) for o in cold_start.overrides)["model"]).path  # G0 and the SFT start here
     rl = [f"game={game}", f"model={rl_model}", "trainer.total_steps=100000", f"trainer.max_minutes={args.rl_minutes}"]
-    rl += ["checkpoint.every_steps=0", *knobs, *args.overrides]
+    rl += ["checkpoint.every_steps=0", *cold_start.knobs, *args.overrides]
     rl_config = resolve(compose(rl))
     max_tokens = rl_config.actors.max_new_tokens
     difficulty = rl_config.pool.games[0].difficulty  # the eval plays the board RL trains on
@@ -137,8 +135,8 @@ def main() -> None:
         "g1": PolicyConfig(kind="vllm", path=str(checkpoint.latest(out / "g1" / "checkpoints") / checkpoint.HF_DIR)),
     }
     results = {}
+    sampling = {"max_tokens": max_tokens, "max_model_len": 1024, "temperature": args.temperature}
     for name, config in players.items():
-        sampling = {"max_tokens": max_tokens, "max_model_len": 1024, "temperature": args.temperature}
         config = PolicyConfig(**{**config.__dict__, **sampling})
         with contextlib.closing(make_policy(config)) as policy:
             results[name] = evaluate(
