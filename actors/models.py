@@ -40,7 +40,8 @@ BUILT_MODELS = ("tiny", "qwen2_5_vl_3b_random")  # built locally by actors/tiny_
 class ColdStart:
     """A cold start of the tiny model: the game and difficulty it teaches, and the rest of its launch/sft.py recipe.
 
-    `overrides` is launch/sft.py's command line, and also the cache key of the build (`ensure_cold_start`).
+    `overrides` is launch/sft.py's command line; the config it composes keys the cached build
+    (`launch.sft.cold_start_key`).
     """
 
     game: str

@@ -349,9 +349,28 @@ def main(overrides: list[str]) -> str:
 
 # ----------------------------------------------------------------------------------------- the cached cold start
 
-# What made a cached cold start, besides its overrides: the code and configs of collection, the games, the learner.
+# The code that made a cached cold start: collection, the games, the learner (cold_start_key).
 _COLD_START_SOURCES = ("launch/sft.py", "launch/config.py", "actors/policies.py", "actors/prompts.py")
-_COLD_START_TREES = ("envs", "learner", "configs")
+_COLD_START_TREES = ("envs", "learner")
+
+
+def cold_start_key(config: ColdStartConfig, base_name: str) -> str:
+    """The cache key of a cold start: its composed config (not the overrides, nor configs/ as files: an equal config
+    reached another way, or an edited RL preset the SFT does not compose, keeps the entry), the base model's cached
+    directory name (itself keyed by its builder), the code that collects and trains, and the library versions."""
+    import deepspeed
+    import torch
+    import transformers
+
+    digest = hashlib.sha256(repr((config, base_name)).encode())
+    digest.update(repr((torch.__version__, deepspeed.__version__, transformers.__version__)).encode())
+    root = Path(__file__).resolve().parent.parent
+    files = [root / f for f in _COLD_START_SOURCES] + sorted(
+        f for tree in _COLD_START_TREES for f in (root / tree).rglob("*") if f.suffix in (".py", ".yaml")
+    )
+    for file in files:
+        digest.update(str(file.relative_to(root)).encode() + b"\x00" + file.read_bytes())
+    return digest.hexdigest()
 
 
 def ensure_cold_start(
@@ -359,10 +378,9 @@ def ensure_cold_start(
 ) -> Path:
     """The HF directory of the cold start `launch/sft.py <overrides>`, run on first use and then reused.
 
-    Cached like the tiny model (`actors.tiny_model.cached_build`): keyed by a hash of the overrides, the base model's
-    own cached directory (itself keyed by its builder), the sources and configs that collect and train, and the
-    library versions; built in a private directory and renamed into place. The directory holds the checkpoint's
-    hf/ files, `cold_start.json` (the overrides, the dataset's counts, `build_minutes`) and the SFT's tensorboard/.
+    Cached like the tiny model (`actors.tiny_model.cached_build`), keyed by `cold_start_key`; built in a private
+    directory and renamed into place. The directory holds the checkpoint's hf/ files, `cold_start.json` (the
+    overrides, the dataset's counts, `build_minutes`) and the SFT's tensorboard/.
     Needs Ray (joins the running cluster or starts a local one, as launch/sft.py does).
 
     Args:
@@ -371,20 +389,8 @@ def ensure_cold_start(
         cache_dir: the cache root; default `$VLM_GYM_RL_CACHE` or `~/.cache/vlm_gym_rl`.
         quiet: keep the collection and the SFT steps off the console (one line says what is built).
     """
-    import deepspeed
-    import torch
-    import transformers
-
     config = load_config([*overrides, "output_dir=unused"])
     base = resolve_model(config.run.model.name, config.run.model.path, cache_dir)
-    digest = hashlib.sha256(repr((list(overrides), Path(base.path).name)).encode())
-    digest.update(repr((torch.__version__, deepspeed.__version__, transformers.__version__)).encode())
-    root = Path(__file__).resolve().parent.parent
-    files = [root / f for f in _COLD_START_SOURCES] + sorted(
-        f for tree in _COLD_START_TREES for f in (root / tree).rglob("*") if f.suffix in (".py", ".yaml")
-    )
-    for file in files:
-        digest.update(str(file.relative_to(root)).encode() + b"\x00" + file.read_bytes())
 
     def build(out: Path) -> None:
         start = time.perf_counter()
@@ -403,7 +409,7 @@ def ensure_cold_start(
         shutil.rmtree(run_dir)
         print(f"model {name}: built in {minutes:.1f} min, cached at {out.parent}")
 
-    return cached_build(name, digest.hexdigest(), build, cache_dir)
+    return cached_build(name, cold_start_key(config, Path(base.path).name), build, cache_dir)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ import pytest
 from train_runs import REPO, tensorboard_scalars
 
 import envs
-from actors.models import check_model_dir
+from actors.models import COLD_STARTS, check_model_dir
 from actors.policies import PolicyConfig, make_policy
 from envs import GamePool, GameSpec
 from envs.game_2048 import apply_move
-from launch.sft import CollectConfig, collect, ensure_cold_start, load_config
+from launch.sft import CollectConfig, cold_start_key, collect, ensure_cold_start, load_config
 from learner import checkpoint
 from learner.sft import cosine_lr, read_split, sft_loss, write_split
 
@@ -241,3 +241,14 @@ def test_the_cached_cold_start_is_built_once_then_reused(ray_local, tmp_path, ti
     assert again == first and (again / "model.safetensors").stat().st_mtime_ns == stamp
     assert "building" not in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no leftover temporary build directories
+
+
+def test_the_cold_start_cache_key_follows_the_composed_config():
+    """The key hashes what the SFT composes, not the command line or configs/ as files: the same config reached another
+    way keeps the cached build (so does an edited RL preset, which the SFT never composes), a changed one does not."""
+    recipe = [*COLD_STARTS["tiny_g1_tetris"].overrides, "output_dir=unused"]
+    key = cold_start_key(load_config(recipe), "tiny-base")
+    assert cold_start_key(load_config([*recipe, "sft.warmup_steps=10"]), "tiny-base") == key  # sft.yaml's value
+    assert cold_start_key(load_config([*recipe, "sft.lr=5e-4"]), "tiny-base") != key
+    assert cold_start_key(load_config([*recipe, "collect.states=1000"]), "tiny-base") != key
+    assert cold_start_key(load_config(recipe), "another-base") != key
