@@ -16,6 +16,7 @@ Ends with one line `tetris_reading: <dir>=<heights exact>/<per column>/<legal>/<
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -52,9 +53,10 @@ def boards(n: int) -> list[envs.Tetris]:
 def read(model_dir: str, games: list[envs.Tetris]) -> tuple[float, float, float, float]:
     """(heights exact, heights per column, legal, expert) shares over the boards, greedy answers."""
     config = PolicyConfig(kind="vllm", path=model_dir, temperature=0.0, max_tokens=160, max_model_len=1024)
-    policy = make_policy(config)
+    with contextlib.closing(make_policy(config)) as policy:
+        responses = policy.respond(games)
     exact = columns = legal = expert = 0.0
-    for game, response in zip(games, policy.respond(games), strict=True):
+    for game, response in zip(games, responses, strict=True):
         truth = game.column_heights()
         if match := HEIGHTS.search(response):
             said = [int(h) for h in match.group(1).split()]
@@ -63,7 +65,6 @@ def read(model_dir: str, games: list[envs.Tetris]) -> tuple[float, float, float,
         action = game.parse_action(response)
         legal += action in game.legal_actions()
         expert += action is not None and game.format_action(action) == game.format_action(game.expert_move().action)
-    policy.close()
     return exact / len(games), columns / len(games), legal / len(games), expert / len(games)
 
 

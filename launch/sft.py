@@ -366,7 +366,7 @@ def cold_start_key(config: ColdStartConfig, base_name: str) -> str:
     digest.update(repr((torch.__version__, deepspeed.__version__, transformers.__version__)).encode())
     root = Path(__file__).resolve().parent.parent
     files = [root / f for f in _COLD_START_SOURCES] + sorted(
-        f for tree in _COLD_START_TREES for f in (root / tree).rglob("*") if f.suffix in (".py", ".yaml")
+        f for tree in _COLD_START_TREES for f in (root / tree).rglob("*.py")
     )
     for file in files:
         digest.update(str(file.relative_to(root)).encode() + b"\x00" + file.read_bytes())
