@@ -87,7 +87,7 @@ TETRIS_MINI = {"rows": 10, "cols": 6, "preview": 0, "piece_set": "O"}
 # trajectories. tiny_g1_tetris: Tetris in miniature, on random play's states labelled by the expert (boards from
 # empty to topped out, as a weak player's are), so that it has seen the boards its own mistakes lead to; 8 epochs,
 # since at 4 it does not read the lane heights it chooses from (bench/tetris_reading.py: per column 0.66 vs 0.95, the
-# expert's placement 0.48 vs 0.84; alone it scores 195.7 at 8 epochs, valid 0.957; README, Cold start).
+# expert's placement 0.48 vs 0.84; alone it scores 264.5 at 8 epochs, valid 0.967: bench/cold_start.py, README).
 COLD_STARTS = {
     "tiny_g1": ColdStart("2048"),
     "tiny_g1_tetris": ColdStart("tetris", TETRIS_MINI, ("player.kind=random", "sft.epochs=8")),

@@ -3,7 +3,7 @@
     .venv/bin/python -P bench/cold_start.py --game 2048
     .venv/bin/python -P bench/cold_start.py --game swap --rl-minutes 3 --states 1000
     .venv/bin/python -P bench/cold_start.py --game 2048 weight_sync.transport=gloo   # RL overrides, G0 and G1 alike
-    .venv/bin/python -P bench/cold_start.py --cold-start tiny_g1_tetris --rl-minutes 8   # model=auto's game=tetris_mini
+    .venv/bin/python -P bench/cold_start.py --cold-start tiny_g1_tetris --rl-minutes 2.6  # model=auto's tetris_mini
     .venv/bin/python -P bench/cold_start.py --game tetris pool.mode=continue --difficulty rows=10 cols=6 preview=0 \
         --sft player.kind=random   # a smaller board, the cold start on random play's states, RL on its own play
 
