@@ -27,6 +27,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from omegaconf import OmegaConf
+
 from actors.tiny_model import ensure_model_dir, ensure_tiny_model
 
 if TYPE_CHECKING:
@@ -79,10 +81,13 @@ TINY_COLD_START_RECIPE = (
     "sft.batch_size=8",
     "sft.eval_every=100",  # the held-out loss every 20 steps took a fifth of the build
 )
-# Tetris in miniature (configs/game/tetris_mini.yaml): 10 x 6, no preview, O pieces only. Its expert keeps the board
-# in three flat lanes and plays on forever, where random legal placements top out after ~9 pieces: a board whose
-# every good move follows from what the image shows (which lane is lowest), and one the 0.7 M model learns on 2 cores.
-TETRIS_MINI = {"rows": 10, "cols": 6, "preview": 0, "piece_set": "O"}
+# Tetris in miniature: 10 x 6, no preview, O pieces only, read from its game config (configs/game/tetris_mini.yaml)
+# so that model=auto recognises game=tetris_mini by the very knobs that file sets. Its expert keeps the board in three
+# flat lanes and plays on forever, where random legal placements top out after ~9 pieces: a board whose every good
+# move follows from what the image shows (which lane is lowest), and one the 0.7 M model learns on 2 cores.
+TETRIS_MINI = dict(
+    OmegaConf.load(Path(__file__).resolve().parent.parent / "configs/game/tetris_mini.yaml").tetris.difficulty
+)
 # The cold starts, by model name (configs/model/<name>.yaml has each one's RL settings). tiny_g1: 2048, the expert's
 # trajectories. tiny_g1_tetris: Tetris in miniature, on random play's states labelled by the expert (boards from
 # empty to topped out, as a weak player's are), so that it has seen the boards its own mistakes lead to; 8 epochs,
