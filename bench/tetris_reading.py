@@ -23,6 +23,8 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
+
 # Run as a script, this file's folder comes first on sys.path, and bench/envs.py would shadow the `envs` package.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
@@ -32,19 +34,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import envs  # noqa: E402
 from actors.models import TETRIS_MINI  # noqa: E402
-from actors.policies import PolicyConfig, RandomPolicy, make_policy  # noqa: E402
+from actors.policies import PolicyConfig, make_policy  # noqa: E402
 
 HEIGHTS = re.compile(r"Column heights ([0-9 ]+)\.")
 
 
 def boards(n: int) -> list[envs.Tetris]:
     """n seeded tetris_mini games, each after 0-7 random legal placements (finished games are left out)."""
-    rng, random_player, games = random.Random(0), RandomPolicy(0), []
+    rng, placements, games = random.Random(0), np.random.default_rng(0), []
     for seed in range(n):
         game = envs.make("tetris", seed=500 + seed, **TETRIS_MINI)
         for _ in range(rng.randrange(8)):
             if not game.terminated:
-                game.step(game.parse_action(random_player.respond([game])[0]))
+                game.step(game.random_legal_action(placements))
         if not game.terminated:
             games.append(game)
     return games
